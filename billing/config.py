@@ -1,0 +1,72 @@
+"""Configuration from the environment, in one place (pydantic-settings).
+
+Every knob is an environment variable; ``get_settings()`` reads them once per process.
+Secrets are ``SecretStr`` so that a repr or a log line never shows them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The public sample key from Fatora's documentation: shared by everyone, test merchants only.
+FATORA_SAMPLE_API_KEY = "E4B73FEE-F492-4607-A38D-852B0EBC91C9"
+
+
+class GatewayMode(StrEnum):
+    LIVE = "live"
+    TEST = "test"
+
+
+class BillingMode(StrEnum):
+    LIVE = "live"
+    TEST = "test"
+
+
+class FatoraSettings(BaseSettings):
+    """How to reach the Fatora gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="FATORA_", extra="ignore")
+
+    base_url: str = "https://api.fatora.io/v1"
+    api_key: SecretStr = SecretStr(FATORA_SAMPLE_API_KEY)
+    timeout_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    mode: GatewayMode = GatewayMode.LIVE
+
+
+class BillingSettings(BaseSettings):
+    """The worker's own settings."""
+
+    model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore")
+
+    mode: BillingMode = BillingMode.LIVE
+    database_url: str = "sqlite:///billing.sqlite3"
+    broker_url: str = "redis://localhost:6379/0"
+    token_key: SecretStr | None = None
+    # A charge task processes at most this many invoices, concurrently.
+    charge_batch_size: int = Field(default=50, ge=1, le=1000)
+    charge_concurrency: int = Field(default=16, ge=1, le=256)
+    # A scheduler pass claims at most this many due subscriptions per transaction.
+    renewal_batch_size: int = Field(default=500, ge=1, le=100_000)
+    # Base URL of the return endpoint that Fatora redirects payers to after a checkout.
+    public_url: str = "http://localhost:8000"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> BillingSettings:
+    return BillingSettings()
+
+
+@lru_cache(maxsize=1)
+def get_fatora_settings() -> FatoraSettings:
+    return FatoraSettings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests change the environment)."""
+    get_settings.cache_clear()
+    get_fatora_settings.cache_clear()
