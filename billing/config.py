@@ -36,6 +36,8 @@ class FatoraSettings(BaseSettings):
     timeout_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     mode: GatewayMode = GatewayMode.LIVE
+    # Path (under base_url) or full URL of the Deactivate Card Token call: not publicly documented.
+    deactivate_path: str = "/payments/deactivate-token"
 
 
 class BillingSettings(BaseSettings):
@@ -52,6 +54,10 @@ class BillingSettings(BaseSettings):
     charge_concurrency: int = Field(default=16, ge=1, le=256)
     # A scheduler pass claims at most this many due subscriptions per transaction.
     renewal_batch_size: int = Field(default=500, ge=1, le=100_000)
+    # A verify 'not found' after a collect that got no answer is trusted only after this long.
+    unknown_grace_s: float = Field(default=300.0, ge=0)
+    # Where charge results are kept for `billing tick --wait` and Flower (defaults to the broker).
+    result_backend: str | None = None
     # Base URL of the return endpoint that Fatora redirects payers to after a checkout.
     public_url: str = "http://localhost:8000"
 

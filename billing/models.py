@@ -1,0 +1,309 @@
+"""SQLAlchemy 2.x models: the schema every flow stands on.
+
+Amounts are integers in the currency's minor unit (no floats on any backend); timestamps are
+aware UTC. Constraints carry names so that migrations stay stable.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from billing.attempts import AttemptStatus, CallEnding
+from billing.db import UTCDateTime
+from billing.lifecycle import InvoiceStatus, SubscriptionStatus
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+def _in(column: str, enum: type[StrEnum]) -> str:
+    values = ", ".join(f"'{member.value}'" for member in enum)
+    return f"{column} IN ({values})"
+
+
+class CardStatus(StrEnum):
+    ACTIVE = "active"
+    DEAD = "dead"  # hard-declined: expired early, card cannot recur, unknown to the gateway
+    DEACTIVATED = "deactivated"  # we asked the gateway to deactivate it
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(120), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(40))
+    language: Mapped[str] = mapped_column(String(2), server_default="en")
+    timezone: Mapped[str] = mapped_column(String(64), server_default="Asia/Qatar")
+    fcm_token: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (CheckConstraint("language IN ('en', 'ar')", name="language"),)
+
+
+class CardToken(Base):
+    """A Fatora card token, encrypted at rest; looked up by a keyed fingerprint."""
+
+    __tablename__ = "card_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    issued_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16), server_default=CardStatus.ACTIVE.value)
+    status_reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    deactivated_at: Mapped[datetime | None]
+
+    __table_args__ = (CheckConstraint(_in("status", CardStatus), name="status"),)
+
+
+class DunningPolicyRow(Base):
+    __tablename__ = "dunning_policies"
+
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    retry_after_days: Mapped[list[int]] = mapped_column(JSON)
+    final_action: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (
+        CheckConstraint("final_action IN ('cancel', 'unpaid', 'pause')", name="final_action"),
+    )
+
+
+class Plan(Base):
+    __tablename__ = "plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    currency: Mapped[str] = mapped_column(String(3))
+    interval: Mapped[str | None] = mapped_column(String(8))
+    interval_count: Mapped[int] = mapped_column(Integer, server_default="1")
+    cron: Mapped[str | None] = mapped_column(String(120))
+    trial_days: Mapped[int] = mapped_column(Integer, server_default="0")
+    dunning_code: Mapped[str] = mapped_column(ForeignKey("dunning_policies.code"))
+    retired_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    prices: Mapped[list[PlanPrice]] = relationship(
+        back_populates="plan", order_by="PlanPrice.effective_from"
+    )
+
+    __table_args__ = (
+        CheckConstraint("(interval IS NULL) <> (cron IS NULL)", name="interval_xor_cron"),
+        CheckConstraint("interval_count >= 1", name="interval_count"),
+        CheckConstraint("trial_days >= 0", name="trial_days"),
+    )
+
+
+class PlanPrice(Base):
+    """A plan's amount from a moment on: a period is billed at the price in force at its start."""
+
+    __tablename__ = "plan_prices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    effective_from: Mapped[datetime]
+
+    plan: Mapped[Plan] = relationship(back_populates="prices")
+
+    __table_args__ = (
+        UniqueConstraint("plan_id", "effective_from"),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+    )
+
+
+class Subscription(Base):
+    __tablename__ = "subscriptions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"), index=True)
+    card_token_id: Mapped[int | None] = mapped_column(ForeignKey("card_tokens.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    # Interval plans count periods from this moment (wall clock in the customer's zone).
+    anchor_at: Mapped[datetime]
+    trial_end: Mapped[datetime | None]
+    current_period_start: Mapped[datetime | None]
+    current_period_end: Mapped[datetime | None]
+    # When the next period must be invoiced; NULL when nothing is to be billed (paused...).
+    next_billing_at: Mapped[datetime | None]
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    canceled_at: Mapped[datetime | None]
+    paused_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        CheckConstraint(_in("status", SubscriptionStatus), name="status"),
+        # The due finder's index: only rows with something to bill are in it.
+        Index(
+            "ix_subscriptions_due",
+            "next_billing_at",
+            postgresql_where=text("next_billing_at IS NOT NULL"),
+            sqlite_where=text("next_billing_at IS NOT NULL"),
+        ),
+    )
+
+
+class Invoice(Base):
+    """One per subscription period: the unique constraint is how a renewal is claimed."""
+
+    __tablename__ = "invoices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id"))
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    # When collection should next be tried; NULL when nothing is to be tried.
+    next_attempt_at: Mapped[datetime | None]
+    attempt_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Declines count for the dunning ladder; quick retries of transient faults do not.
+    failure_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    transient_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    first_failed_at: Mapped[datetime | None]
+    paid_at: Mapped[datetime | None]
+    # The attempt that paid it (no foreign key: attempts already point at their invoice).
+    paid_attempt_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "period_start"),
+        CheckConstraint(_in("status", InvoiceStatus), name="status"),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        Index(
+            "ix_invoices_collectable",
+            "next_attempt_at",
+            postgresql_where=text("next_attempt_at IS NOT NULL"),
+            sqlite_where=text("next_attempt_at IS NOT NULL"),
+        ),
+    )
+
+
+class ChargeAttempt(Base):
+    """One call to collect-payment, written and committed before the call is made."""
+
+    __tablename__ = "charge_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    invoice_id: Mapped[int] = mapped_column(ForeignKey("invoices.id"), index=True)
+    card_token_id: Mapped[int] = mapped_column(ForeignKey("card_tokens.id"))
+    order_id: Mapped[str] = mapped_column(String(64), unique=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    call_ending: Mapped[str | None] = mapped_column(String(16))
+    transaction_id: Mapped[str | None] = mapped_column(String(120))
+    auth_code: Mapped[str | None] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(String(500))
+    classification: Mapped[str | None] = mapped_column(String(32))
+    gateway_mode: Mapped[str | None] = mapped_column(String(8))
+    verify_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_verify_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    # System time when the row was written, even under a test clock: how long a request may
+    # still be inside the gateway is a matter of real seconds.
+    created_wall_at: Mapped[datetime]
+    settled_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        CheckConstraint(_in("status", AttemptStatus), name="status"),
+        CheckConstraint(
+            "call_ending IS NULL OR " + _in("call_ending", CallEnding), name="call_ending"
+        ),
+        Index(
+            "ix_charge_attempts_unresolved",
+            "next_verify_at",
+            postgresql_where=text("next_verify_at IS NOT NULL"),
+            sqlite_where=text("next_verify_at IS NOT NULL"),
+        ),
+    )
+
+
+class Event(Base):
+    """The outbox: written in the same transaction as the state change it reports."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"))
+    subscription_id: Mapped[int | None] = mapped_column(ForeignKey("subscriptions.id"))
+    invoice_id: Mapped[int | None] = mapped_column(ForeignKey("invoices.id"))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+    delivery_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+
+    __table_args__ = (
+        Index(
+            "ix_events_undelivered",
+            "id",
+            postgresql_where=text("delivered_at IS NULL"),
+            sqlite_where=text("delivered_at IS NULL"),
+        ),
+    )
+
+
+class ControlFlag(Base):
+    """Switches the system sets for itself, e.g. collection paused after a 401 from Fatora."""
+
+    __tablename__ = "control_flags"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime]
+
+
+class ClockRow(Base):
+    """The test clock: one row; refused in live mode."""
+
+    __tablename__ = "clock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    now: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
