@@ -1,0 +1,39 @@
+"""Switches the system sets for itself.
+
+A 401 or 403 from Fatora means the merchant's key is wrong or inactive: no retry will fix it, and
+failing customers for it would be wrong. Collection pauses and an alert is raised; a human fixes
+the key and runs ``billing collection resume``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from billing.models import ControlFlag
+from billing.services.events import record_event
+
+COLLECTION_PAUSED = "collection_paused"
+
+
+def collection_paused(session: Session) -> str | None:
+    """The reason collection is paused, or None when it runs."""
+    flag = session.get(ControlFlag, COLLECTION_PAUSED)
+    return flag.value if flag is not None else None
+
+
+def pause_collection(session: Session, reason: str, now: datetime) -> None:
+    if session.get(ControlFlag, COLLECTION_PAUSED) is not None:
+        return
+    session.add(ControlFlag(name=COLLECTION_PAUSED, value=reason[:500], updated_at=now))
+    record_event(session, "alert.collection_paused", now=now, payload={"reason": reason[:200]})
+
+
+def resume_collection(session: Session, now: datetime) -> bool:
+    flag = session.get(ControlFlag, COLLECTION_PAUSED)
+    if flag is None:
+        return False
+    session.delete(flag)
+    record_event(session, "collection.resumed", now=now, payload={})
+    return True

@@ -1,0 +1,171 @@
+"""What happens to an invoice and its subscription after a charge: paid, or a dunning step.
+
+The ladder itself (when to retry, what to do at the end) is pure and lives in ``billing.dunning``;
+this module applies it to the rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing.dunning import DunningPolicy, FinalAction, dunning_step, final_action_event
+from billing.fatora.types import DeclineKind
+from billing.lifecycle import (
+    IllegalTransition,
+    InvoiceStatus,
+    SubscriptionEvent,
+    SubscriptionStatus,
+    transition,
+)
+from billing.models import (
+    CardStatus,
+    CardToken,
+    ChargeAttempt,
+    DunningPolicyRow,
+    Invoice,
+    Plan,
+    Subscription,
+)
+from billing.services.events import record_event
+
+
+def usable_card(session: Session, invoice: Invoice, now: datetime) -> CardToken | None:
+    """The card to charge: the subscription's own if alive, else the customer's newest live one."""
+    sub = session.get(Subscription, invoice.subscription_id)
+    assert sub is not None
+    if sub.card_token_id is not None:
+        card = session.get(CardToken, sub.card_token_id)
+        if card is not None and _alive(card, now):
+            return card
+    others = session.execute(
+        select(CardToken)
+        .where(
+            CardToken.customer_id == sub.customer_id,
+            CardToken.status == CardStatus.ACTIVE.value,
+            CardToken.expires_at > now,
+        )
+        .order_by(CardToken.issued_at.desc())
+    ).scalars()
+    for card in others:
+        sub.card_token_id = card.id
+        return card
+    return None
+
+
+def _alive(card: CardToken, now: datetime) -> bool:
+    return card.status == CardStatus.ACTIVE.value and card.expires_at > now
+
+
+def _policy(session: Session, sub: Subscription) -> DunningPolicy:
+    plan = session.get(Plan, sub.plan_id)
+    assert plan is not None
+    row = session.get(DunningPolicyRow, plan.dunning_code)
+    assert row is not None
+    return DunningPolicy(row.code, tuple(row.retry_after_days), FinalAction(row.final_action))
+
+
+def _move(sub: Subscription, event: SubscriptionEvent, now: datetime) -> bool:
+    try:
+        sub.status = transition(SubscriptionStatus(sub.status), event).value
+    except IllegalTransition:
+        return False  # e.g. canceled meanwhile: the invoice moves, the subscription stays
+    sub.updated_at = now
+    if sub.status == SubscriptionStatus.CANCELED.value:
+        sub.canceled_at = now
+        sub.next_billing_at = None
+    elif sub.status in (SubscriptionStatus.PAUSED.value, SubscriptionStatus.UNPAID.value):
+        sub.next_billing_at = None
+        if sub.status == SubscriptionStatus.PAUSED.value:
+            sub.paused_at = now
+    return True
+
+
+def paid(session: Session, invoice: Invoice, attempt: ChargeAttempt, now: datetime) -> None:
+    invoice.status = InvoiceStatus.PAID.value
+    invoice.paid_at = now
+    invoice.paid_attempt_id = attempt.id
+    invoice.next_attempt_at = None
+    invoice.transient_count = 0
+    invoice.updated_at = now
+    sub = session.get(Subscription, invoice.subscription_id)
+    assert sub is not None
+    _move(sub, SubscriptionEvent.PAYMENT_SUCCEEDED, now)
+    record_event(
+        session,
+        "invoice.paid",
+        invoice=invoice,
+        subscription=sub,
+        now=now,
+        payload={"attempt_id": attempt.id, "order_id": attempt.order_id},
+    )
+
+
+def declined(
+    session: Session,
+    invoice: Invoice,
+    attempt: ChargeAttempt,
+    kind: DeclineKind,
+    now: datetime,
+) -> None:
+    """A declined charge: a hard decline retries at once on another live card, else dunning."""
+    if kind is DeclineKind.HARD and usable_card(session, invoice, now) is not None:
+        invoice.next_attempt_at = now
+        invoice.updated_at = now
+        record_event(
+            session,
+            "invoice.card_switched",
+            invoice=invoice,
+            now=now,
+            payload={"attempt_id": attempt.id},
+        )
+        return
+    _dunning_step(session, invoice, now, reason=f"{kind.value}_decline", attempt=attempt)
+
+
+def no_usable_card(session: Session, invoice: Invoice, now: datetime) -> None:
+    """No live card to charge: a dunning step without a gateway call, asking for a new card."""
+    _dunning_step(session, invoice, now, reason="no_usable_card", attempt=None)
+
+
+def _dunning_step(
+    session: Session,
+    invoice: Invoice,
+    now: datetime,
+    *,
+    reason: str,
+    attempt: ChargeAttempt | None,
+) -> None:
+    sub = session.get(Subscription, invoice.subscription_id)
+    assert sub is not None
+    invoice.failure_count += 1
+    invoice.transient_count = 0
+    if invoice.first_failed_at is None:
+        invoice.first_failed_at = now
+    invoice.updated_at = now
+    step = dunning_step(_policy(session, sub), invoice.first_failed_at, invoice.failure_count)
+    needs_card = reason != "soft_decline"
+    payload: dict[str, object] = {
+        "reason": reason,
+        "step": step.step,
+        "steps": step.steps,
+        "needs_new_card": needs_card,
+        "attempt_id": attempt.id if attempt is not None else None,
+    }
+    if step.retry_at is not None:
+        invoice.next_attempt_at = step.retry_at
+        _move(sub, SubscriptionEvent.PAYMENT_FAILED, now)
+        payload["retry_at"] = step.retry_at.isoformat()
+        record_event(session, "invoice.payment_failed", invoice=invoice, subscription=sub,
+                     now=now, payload=payload)
+        return
+    assert step.final_action is not None
+    invoice.next_attempt_at = None
+    invoice.status = InvoiceStatus.UNCOLLECTIBLE.value
+    _move(sub, SubscriptionEvent.PAYMENT_FAILED, now)
+    _move(sub, final_action_event(step.final_action), now)
+    payload["final_action"] = step.final_action.value
+    record_event(session, "invoice.dunning_exhausted", invoice=invoice, subscription=sub,
+                 now=now, payload=payload)

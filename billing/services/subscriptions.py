@@ -1,0 +1,175 @@
+"""Subscriptions: create, cancel, pause, resume; and the schedule a subscription bills on."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing.lifecycle import (
+    IllegalTransition,
+    InvoiceStatus,
+    SubscriptionEvent,
+    SubscriptionState,
+    SubscriptionStatus,
+    apply,
+    initial_status,
+)
+from billing.models import CardToken, Customer, Invoice, Plan, PlanPrice, Subscription
+from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, first_period
+from billing.services.errors import BillingError, NotFound
+from billing.services.events import record_event
+
+
+def schedule_for(plan: Plan, anchor: datetime, tz: str) -> Schedule:
+    """The billing schedule of a subscription: one place decides it."""
+    if plan.interval is not None:
+        return IntervalSchedule(Interval(plan.interval), plan.interval_count, anchor, tz)
+    assert plan.cron is not None
+    return CronSchedule(plan.cron, tz)
+
+
+def price_at(session: Session, plan_id: int, at: datetime) -> PlanPrice:
+    """The plan's price in force at ``at`` (a period is billed at the price of its start)."""
+    price = session.execute(
+        select(PlanPrice)
+        .where(PlanPrice.plan_id == plan_id, PlanPrice.effective_from <= at)
+        .order_by(PlanPrice.effective_from.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if price is None:  # a period that started before the plan existed: its first price
+        price = session.execute(
+            select(PlanPrice)
+            .where(PlanPrice.plan_id == plan_id)
+            .order_by(PlanPrice.effective_from)
+            .limit(1)
+        ).scalar_one()
+    return price
+
+
+def plan_by_code(session: Session, code: str) -> Plan:
+    plan = session.execute(select(Plan).where(Plan.code == code)).scalar_one_or_none()
+    if plan is None:
+        raise NotFound(f"no plan {code!r} (run `billing plans sync FILE` first)")
+    return plan
+
+
+def create_subscription(
+    session: Session,
+    *,
+    customer: Customer,
+    plan: Plan,
+    now: datetime,
+    card: CardToken | None = None,
+    start: datetime | None = None,
+    trial_days: int | None = None,
+) -> Subscription:
+    if plan.retired_at is not None:
+        raise BillingError(f"plan {plan.code!r} is retired: it takes no new subscriptions")
+    if card is not None and card.customer_id != customer.id:
+        raise BillingError(f"card {card.id} belongs to another customer")
+    trial = plan.trial_days if trial_days is None else trial_days
+    if trial < 0:
+        raise BillingError("--trial-days must not be negative")
+    begins = start or now
+    trial_end = begins + timedelta(days=trial) if trial else None
+    anchor = trial_end or begins
+    first = first_period(schedule_for(plan, anchor, customer.timezone), anchor)
+    sub = Subscription(
+        customer_id=customer.id,
+        plan_id=plan.id,
+        card_token_id=card.id if card is not None else None,
+        status=initial_status(bool(trial)).value,
+        anchor_at=anchor,
+        trial_end=trial_end,
+        next_billing_at=first.start,
+        cancel_at_period_end=False,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(sub)
+    session.flush()
+    record_event(session, "subscription.created", subscription=sub, now=now,
+                 payload={"plan": plan.code, "first_billing_at": first.start.isoformat()})
+    return sub
+
+
+def get_subscription(session: Session, sub_id: int) -> Subscription:
+    sub = session.get(Subscription, sub_id)
+    if sub is None:
+        raise NotFound(f"no subscription {sub_id}")
+    return sub
+
+
+def _apply(sub: Subscription, event: SubscriptionEvent, now: datetime) -> None:
+    try:
+        state = apply(
+            SubscriptionState(SubscriptionStatus(sub.status), sub.cancel_at_period_end), event
+        )
+    except IllegalTransition as exc:
+        raise BillingError(f"subscription {sub.id}: {exc}") from None
+    sub.status = state.status.value
+    sub.cancel_at_period_end = state.cancel_at_period_end
+    sub.updated_at = now
+
+
+def cancel(session: Session, sub: Subscription, now: datetime, *, at_period_end: bool) -> None:
+    if at_period_end:
+        _apply(sub, SubscriptionEvent.CANCEL_AT_PERIOD_END, now)
+        record_event(session, "subscription.cancel_scheduled", subscription=sub, now=now)
+        return
+    _apply(sub, SubscriptionEvent.CANCEL, now)
+    sub.canceled_at = now
+    sub.next_billing_at = None
+    _void_open_invoices(session, sub, now)
+    record_event(session, "subscription.canceled", subscription=sub, now=now)
+
+
+def pause(session: Session, sub: Subscription, now: datetime) -> None:
+    _apply(sub, SubscriptionEvent.PAUSE, now)
+    sub.paused_at = now
+    sub.next_billing_at = None
+    record_event(session, "subscription.paused", subscription=sub, now=now)
+
+
+def resume(session: Session, sub: Subscription, now: datetime) -> None:
+    """Resume billing: a new period starts now, anchored on the moment of resumption."""
+    _apply(sub, SubscriptionEvent.RESUME, now)
+    plan = session.get(Plan, sub.plan_id)
+    customer = session.get(Customer, sub.customer_id)
+    assert plan is not None and customer is not None
+    sub.paused_at = None
+    sub.anchor_at = now
+    sub.current_period_start = None
+    sub.current_period_end = None
+    sub.next_billing_at = first_period(schedule_for(plan, now, customer.timezone), now).start
+    record_event(session, "subscription.resumed", subscription=sub, now=now)
+
+
+def _void_open_invoices(session: Session, sub: Subscription, now: datetime) -> None:
+    """A canceled subscription is not charged any more: its open invoices are voided.
+
+    An invoice with a charge still unresolved is left open: voiding it could hide a payment;
+    the janitor settles it first.
+    """
+    from billing.attempts import UNRESOLVED
+    from billing.models import ChargeAttempt
+
+    invoices = session.execute(
+        select(Invoice).where(
+            Invoice.subscription_id == sub.id, Invoice.status == InvoiceStatus.OPEN.value
+        )
+    ).scalars()
+    for invoice in invoices:
+        unresolved = session.execute(
+            select(ChargeAttempt.id).where(
+                ChargeAttempt.invoice_id == invoice.id,
+                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+            )
+        ).first()
+        if unresolved is not None:
+            continue
+        invoice.status = InvoiceStatus.VOID.value
+        invoice.next_attempt_at = None
+        invoice.updated_at = now

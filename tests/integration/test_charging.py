@@ -1,0 +1,242 @@
+"""Collection against real PostgreSQL and the sandbox: at most one charge per invoice, none lost.
+
+Every test checks its invariant against the sandbox's own list of charges (the money actually
+taken), not only against our records.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from billing.attempts import AttemptStatus
+from billing.clock import FixedClock
+from billing.fatora.sandbox import Sandbox
+from billing.lifecycle import InvoiceStatus, SubscriptionStatus
+from billing.models import CardToken, ControlFlag, Event
+from billing.runtime import Runtime
+from billing.services import charging
+from billing.services.charging import collect_invoices
+from schedules.sweeps import run_janitor
+from tests.factories import (
+    attempts_of,
+    invoice_of,
+    renew,
+    seed_plans,
+    subscriber,
+    subscription_of,
+    successful_charges,
+)
+from tests.integration.conftest import make_runtime
+
+
+def _one_due_invoice(rt: Runtime, sandbox: Sandbox, behaviours: list[str]) -> tuple[int, int]:
+    seed_plans(rt)
+    sub_id = subscriber(rt, sandbox, behaviours)
+    (invoice_id,) = renew(rt)
+    return sub_id, invoice_id
+
+
+def test_success_is_verified_and_recorded(rt: Runtime, sandbox: Sandbox) -> None:
+    """A plain success: paid once, with the gateway's transaction id on record."""
+    sub_id, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
+    report = collect_invoices(rt, [invoice_id])
+    assert report.results == {invoice_id: "paid"}
+    invoice = invoice_of(rt, invoice_id)
+    assert invoice.status == InvoiceStatus.PAID.value
+    (attempt,) = attempts_of(rt, invoice_id)
+    assert attempt.status == AttemptStatus.SUCCEEDED.value
+    charges = successful_charges(sandbox, invoice_id)
+    assert len(charges) == 1
+    assert attempt.transaction_id == charges[0]["transaction_id"]
+    assert charges[0]["amount"] in ("50.00", "50.0", "50")
+    assert subscription_of(rt, sub_id).status == SubscriptionStatus.ACTIVE.value
+
+
+def test_timeout_after_charge_is_settled_by_verify_without_a_second_collect(
+    rt: Runtime, sandbox: Sandbox
+) -> None:
+    """Fatora took the money but the answer never came: verify settles it; no second charge."""
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["timeout_after_charge"])
+    collect_invoices(rt, [invoice_id])
+    collect_invoices(rt, [invoice_id])  # a retry or a redelivered task changes nothing
+    assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
+    collects = [c for c in sandbox.charges() if str(c["order_id"]).startswith(f"INV{invoice_id}-")]
+    assert len(collects) == 1
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_garbled_answer_after_charge_is_never_taken_as_success_unverified(
+    rt: Runtime, sandbox: Sandbox
+) -> None:
+    """A body that cannot be read is an unknown outcome: verify, not the body, decides."""
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["garbled_after_charge"])
+    collect_invoices(rt, [invoice_id])
+    (attempt,) = attempts_of(rt, invoice_id)
+    assert attempt.status == AttemptStatus.SUCCEEDED.value
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_server_error_before_charge_is_retried_to_success(rt: Runtime, sandbox: Sandbox) -> None:
+    """A 5xx with nothing taken: verify says not found, a new attempt with a new order id pays."""
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["server_error_before_charge"])
+    first = collect_invoices(rt, [invoice_id])
+    assert first.results[invoice_id] == "retry"
+    assert invoice_id in first.retry_in
+    second = collect_invoices(rt, [invoice_id])  # the quick retry
+    assert second.results[invoice_id] == "paid"
+    attempts = attempts_of(rt, invoice_id)
+    assert [a.status for a in attempts] == ["failed", "succeeded"]
+    assert attempts[0].order_id != attempts[1].order_id
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_pending_is_neither_paid_nor_failed_until_verify_says_so(
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock
+) -> None:
+    """PENDING blocks any new charge; the janitor verifies it again until SUCCESS."""
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["pending_then_success"])
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "pending"
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "pending"
+    assert len(attempts_of(rt, invoice_id)) == 1  # no second charge while pending
+    for _ in range(5):
+        clock.advance(timedelta(days=1))
+        run_janitor(rt)
+        if invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value:
+            break
+    assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
+    assert len(attempts_of(rt, invoice_id)) == 1
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_soft_decline_follows_the_dunning_ladder(
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock
+) -> None:
+    """Insufficient funds: past_due, retried on the ladder's days, canceled at its end."""
+    sub_id, invoice_id = _one_due_invoice(rt, sandbox, ["insufficient_funds"])
+    first_failure = clock.now()
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "soft_declined"
+    assert subscription_of(rt, sub_id).status == SubscriptionStatus.PAST_DUE.value
+    assert invoice_of(rt, invoice_id).next_attempt_at == first_failure + timedelta(days=1)
+    # Not due yet: a duplicate task must not charge again.
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "not_due"
+    assert len(attempts_of(rt, invoice_id)) == 1
+    for day in (1, 3, 5, 7):
+        clock.at = first_failure + timedelta(days=day)
+        collect_invoices(rt, [invoice_id])
+    invoice = invoice_of(rt, invoice_id)
+    assert invoice.status == InvoiceStatus.UNCOLLECTIBLE.value
+    assert invoice.failure_count == 5
+    assert len(attempts_of(rt, invoice_id)) == 5
+    assert subscription_of(rt, sub_id).status == SubscriptionStatus.CANCELED.value
+    assert successful_charges(sandbox, invoice_id) == []
+
+
+def test_hard_decline_kills_the_token_and_falls_back_to_another_card(
+    rt: Runtime, sandbox: Sandbox
+) -> None:
+    """An expired token is never charged again; the customer's other live card pays."""
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["expired_token", "success"])
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "hard_declined"
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
+    first, second = attempts_of(rt, invoice_id)
+    assert first.card_token_id != second.card_token_id
+    with rt.sessions() as session:
+        dead = session.get(CardToken, first.card_token_id)
+        assert dead is not None and dead.status == "dead"
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_task_delivered_twice_at_once_charges_once(rt: Runtime, sandbox: Sandbox) -> None:
+    """Two workers given the same invoices at the same moment: the invoice lock lets one in."""
+    seed_plans(rt)
+    for i in range(20):
+        subscriber(rt, sandbox, ["success"], name=f"c{i}")
+    invoice_ids = renew(rt)
+    barrier = threading.Barrier(2)
+
+    def worker() -> None:
+        barrier.wait()
+        collect_invoices(rt, invoice_ids)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    collect_invoices(rt, invoice_ids)  # and once more, late
+    for invoice_id in invoice_ids:
+        assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
+        assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_worker_killed_after_write_ahead_before_the_call(rt: Runtime, sandbox: Sandbox) -> None:
+    """Died between committing the attempt and calling Fatora: nothing is charged until verify
+    has waited out the grace period, then exactly one charge."""
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
+    report = charging.CollectionReport()
+    calls = charging._start_attempts(rt, [invoice_id], report)  # the process dies here
+    assert len(calls) == 1
+    # The next run finds an in-flight attempt the gateway has never heard of: too early to say.
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "unknown"
+    assert sandbox.charges() == []
+    rt.unknown_grace = timedelta(0)  # the grace period has passed
+    collect_invoices(rt, [invoice_id])
+    collect_invoices(rt, [invoice_id])
+    assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
+    statuses = [a.status for a in attempts_of(rt, invoice_id)]
+    assert statuses == ["failed", "succeeded"]
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_worker_killed_after_the_gateway_charged_before_recording(
+    rt: Runtime, sandbox: Sandbox
+) -> None:
+    """Died after Fatora took the money, before the result was written: verify recovers the
+    record, and the invoice is not charged again."""
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
+    calls = charging._start_attempts(rt, [invoice_id], charging.CollectionReport())
+    charging._charge(rt, calls[0])  # money taken; the process dies before _record
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
+    (attempt,) = attempts_of(rt, invoice_id)
+    assert attempt.status == AttemptStatus.SUCCEEDED.value
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_auth_error_pauses_collection_and_fails_no_customer(
+    clean_db: object, sandbox: Sandbox, clock: FixedClock, vault: object
+) -> None:
+    """A 401 is the merchant's problem: collection pauses, an alert is raised, no dunning."""
+    from billing.crypto import TokenVault
+
+    assert isinstance(vault, TokenVault)
+    rt = make_runtime(clean_db, sandbox, clock, vault, api_key="WRONG-KEY")  # type: ignore[arg-type]
+    sub_id, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "auth_error"
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "collection_paused"
+    invoice = invoice_of(rt, invoice_id)
+    assert invoice.failure_count == 0 and invoice.status == InvoiceStatus.OPEN.value
+    assert subscription_of(rt, sub_id).status == SubscriptionStatus.ACTIVE.value
+    with rt.sessions() as session:
+        assert session.get(ControlFlag, "collection_paused") is not None
+        kinds = set(session.execute(select(Event.kind)).scalars())
+    assert "alert.collection_paused" in kinds
+    assert sandbox.charges() == []
+
+
+def test_live_mode_refuses_a_test_result(
+    clean_db: object, sandbox: Sandbox, clock: FixedClock, vault: object
+) -> None:
+    """In live mode a payment the gateway reports in test mode never pays an invoice."""
+    from billing.crypto import TokenVault
+
+    assert isinstance(vault, TokenVault)
+    rt = make_runtime(clean_db, sandbox, clock, vault, live=True)  # type: ignore[arg-type]
+    _, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
+    collect_invoices(rt, [invoice_id])
+    assert invoice_of(rt, invoice_id).status == InvoiceStatus.OPEN.value
+    (attempt,) = attempts_of(rt, invoice_id)
+    assert attempt.status in (AttemptStatus.UNKNOWN.value, AttemptStatus.ANOMALY.value)
