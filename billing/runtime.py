@@ -20,6 +20,7 @@ from billing.config import GatewayMode, get_fatora_settings, get_settings
 from billing.crypto import TokenVault, vault_from_settings
 from billing.db import get_engine, session_factory
 from billing.fatora.client import FatoraClient
+from billing.fatora.sandbox import Sandbox, SandboxTransport
 from billing.locks import InvoiceLocker, locker_for
 
 # FATORA_BASE_URL=sandbox://embedded runs the gateway sandbox inside this process.
@@ -53,19 +54,20 @@ class Runtime:
 
 
 _embedded_lock = threading.Lock()
-_embedded_transport: httpx.BaseTransport | None = None
+_embedded: Sandbox | None = None
+
+
+def embedded_sandbox(engine: Engine) -> Sandbox:
+    """One in-process sandbox per process, reading the same clock as everything else."""
+    global _embedded
+    with _embedded_lock:
+        if _embedded is None:
+            _embedded = Sandbox(now=clock_for(engine).now)
+        return _embedded
 
 
 def embedded_sandbox_transport(engine: Engine) -> httpx.BaseTransport:
-    """One in-process sandbox per process, reading the same clock as everything else."""
-    global _embedded_transport
-    with _embedded_lock:
-        if _embedded_transport is None:
-            from billing.fatora.sandbox import Sandbox, SandboxTransport
-
-            clock = clock_for(engine)
-            _embedded_transport = SandboxTransport(Sandbox(now=clock.now))
-        return _embedded_transport
+    return SandboxTransport(embedded_sandbox(engine))
 
 
 def build_runtime(database_url: str | None = None) -> Runtime:

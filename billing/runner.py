@@ -1,0 +1,84 @@
+"""One scheduler pass and one reconciliation pass, as the command line runs them.
+
+``tick`` renews what is due and queues the charges (plus due retries) exactly as beat's tasks
+do; with ``wait`` it follows the queued charge tasks until each has settled: paid, declined and
+scheduled for retry, or left unknown for the janitor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from billing.clock import TestClockRefused
+from billing.config import BillingMode, get_settings
+from billing.runtime import get_runtime
+
+
+def tick(*, now: datetime | None = None, wait: bool = False, timeout: float = 300.0) -> dict[str, Any]:
+    from schedules.renewal import run_renewal_pass
+    from schedules.sweeps import due_retries
+    from workers.tasks import enqueue_charges
+
+    if now is not None and get_settings().mode is not BillingMode.TEST:
+        raise TestClockRefused("--now is refused in live mode (set BILLING_MODE=test)")
+    rt = get_runtime()
+    renewal = run_renewal_pass(rt, now=now)
+    retries = [i for i in due_retries(rt, now=now) if i not in set(renewal.invoice_ids)]
+    pending = enqueue_charges(renewal.invoice_ids + retries)
+    result: dict[str, Any] = {
+        "claimed": renewal.claimed,
+        "invoices_created": len(renewal.invoice_ids),
+        "canceled_at_period_end": len(renewal.canceled),
+        "retries_queued": len(retries),
+        "charge_tasks": len(pending),
+    }
+    if not wait:
+        return result
+    outcomes: Counter[str] = Counter()
+    deadline = time.monotonic() + timeout
+    follow = list(pending)
+    while follow:
+        task = follow.pop(0)
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            report = task.get(timeout=remaining, propagate=True)
+        except Exception as exc:  # noqa: BLE001 - a timeout or a task failure is reported
+            outcomes[f"not settled ({type(exc).__name__})"] += 1
+            continue
+        for word in report.get("results", {}).values():
+            outcomes[word] += 1
+    result["outcomes"] = dict(sorted(outcomes.items()))
+    return result
+
+
+def describe_tick(result: dict[str, Any]) -> str:
+    lines = [
+        f"renewed {result['invoices_created']} subscription(s) "
+        f"({result['claimed']} claimed, {result['canceled_at_period_end']} canceled at period end)",
+        f"queued {result['charge_tasks']} charge task(s), "
+        f"including {result['retries_queued']} due retr(ies)",
+    ]
+    for word, count in result.get("outcomes", {}).items():
+        lines.append(f"  {word}: {count}")
+    return "\n".join(lines)
+
+
+def reconcile() -> dict[str, Any]:
+    from schedules.sweeps import run_janitor
+
+    report = run_janitor(get_runtime(), everything=True)
+    return {
+        "settled": {str(k): v for k, v in sorted(report.settled.items())},
+        "still_unresolved": report.still_unresolved,
+        "alerted": report.alerted,
+    }
+
+
+def describe_reconcile(result: dict[str, Any]) -> str:
+    if not result["settled"]:
+        return "nothing to reconcile"
+    counts = Counter(result["settled"].values())
+    return "\n".join(f"{word}: {count}" for word, count in sorted(counts.items()))

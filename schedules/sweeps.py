@@ -1,0 +1,98 @@
+"""Periodic sweeps besides renewal: due retries, and the janitor for unresolved charges.
+
+* Due retries: open invoices whose ``next_attempt_at`` has passed (dunning steps, quick retries
+  whose task was lost, invoices freed after a worker died) are handed to the charge task again.
+* The janitor verifies attempts left unknown or PENDING on a backoff schedule (5 minutes, 1 hour,
+  6 hours, then daily) and raises an alert for any still unresolved past ``ALERT_AFTER``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from billing.attempts import UNRESOLVED
+from billing.lifecycle import InvoiceStatus
+from billing.models import ChargeAttempt, Event, Invoice
+from billing.runtime import Runtime
+from billing.services.charging import CollectionReport, collect_invoices
+from billing.services.events import record_event
+
+ALERT_AFTER = timedelta(days=3)
+SWEEP_LIMIT = 5000
+
+
+def due_retries(rt: Runtime, *, now: datetime | None = None, limit: int = SWEEP_LIMIT) -> list[int]:
+    """Open invoices due for a collection attempt (the charge task decides the rest)."""
+    with rt.sessions() as session:
+        at = now or rt.clock.now()
+        rows = session.execute(
+            select(Invoice.id)
+            .where(
+                Invoice.next_attempt_at.is_not(None),
+                Invoice.next_attempt_at <= at,
+                Invoice.status == InvoiceStatus.OPEN.value,
+            )
+            .order_by(Invoice.next_attempt_at)
+            .limit(limit)
+        ).scalars()
+        return list(rows)
+
+
+@dataclass
+class JanitorReport:
+    settled: dict[int, str] = field(default_factory=dict)
+    still_unresolved: list[int] = field(default_factory=list)
+    alerted: list[int] = field(default_factory=list)
+
+
+def run_janitor(
+    rt: Runtime, *, everything: bool = False, now: datetime | None = None
+) -> JanitorReport:
+    """Verify unresolved attempts that are due for it (or all of them, with ``everything``)."""
+    at = now or rt.clock.now()
+    with rt.sessions() as session:
+        query = select(ChargeAttempt.invoice_id).where(
+            ChargeAttempt.status.in_([s.value for s in UNRESOLVED])
+        )
+        if not everything:
+            query = query.where(ChargeAttempt.next_verify_at <= at)
+        invoice_ids = sorted(set(session.execute(query.limit(SWEEP_LIMIT)).scalars()))
+    report = JanitorReport()
+    for start in range(0, len(invoice_ids), rt.charge_batch_size):
+        chunk = invoice_ids[start : start + rt.charge_batch_size]
+        collection: CollectionReport = collect_invoices(rt, chunk, settle_only=True)
+        report.settled.update(collection.results)
+    _alert_stale(rt, at, report)
+    return report
+
+
+def _alert_stale(rt: Runtime, now: datetime, report: JanitorReport) -> None:
+    with rt.sessions() as session, session.begin():
+        stale = session.execute(
+            select(ChargeAttempt).where(
+                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                ChargeAttempt.created_at <= now - ALERT_AFTER,
+            )
+        ).scalars()
+        for attempt in stale:
+            report.still_unresolved.append(attempt.id)
+            already = session.execute(
+                select(Event.id).where(
+                    Event.kind == "alert.attempt_unresolved",
+                    Event.invoice_id == attempt.invoice_id,
+                )
+            ).first()
+            if already is None:
+                invoice = session.get(Invoice, attempt.invoice_id)
+                record_event(
+                    session,
+                    "alert.attempt_unresolved",
+                    invoice=invoice,
+                    now=now,
+                    payload={"attempt_id": attempt.id, "order_id": attempt.order_id,
+                             "status": attempt.status},
+                )
+                report.alerted.append(attempt.id)

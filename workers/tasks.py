@@ -1,0 +1,80 @@
+"""Thin Celery tasks: ids in, a billing service call, a summary out.
+
+Arguments are ids only (Flower shows them); nothing here decides anything about money. Every
+task is safe to run twice: the services lock and check state before acting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from celery.result import AsyncResult
+
+from billing.runtime import get_runtime
+from billing.services.charging import collect_invoices
+from schedules.renewal import run_renewal_pass
+from schedules.sweeps import due_retries, run_janitor
+from workers.app import app
+
+log = logging.getLogger("billing.tasks")
+
+
+def enqueue_charges(invoice_ids: Sequence[int], *, countdown: float | None = None) -> list[AsyncResult]:
+    """Queue charge tasks in batches. Call only after the commit that created the invoices."""
+    size = get_runtime().charge_batch_size
+    ids = sorted(set(invoice_ids))
+    return [
+        charge_invoices.apply_async(args=[ids[i : i + size]], countdown=countdown)
+        for i in range(0, len(ids), size)
+    ]
+
+
+@app.task(name="billing.charge_invoices", ignore_result=False)
+def charge_invoices(invoice_ids: list[int]) -> dict[str, Any]:
+    report = collect_invoices(get_runtime(), invoice_ids)
+    # Quick retries of transient faults: grouped by delay so a batch stays a batch.
+    by_delay: dict[float, list[int]] = defaultdict(list)
+    for invoice_id, delay in report.retry_in.items():
+        by_delay[round(delay, 1)].append(invoice_id)
+    for delay, ids in by_delay.items():
+        enqueue_charges(ids, countdown=delay)
+    return report.as_dict()
+
+
+@app.task(name="billing.renew", ignore_result=True)
+def renew() -> dict[str, int]:
+    report = run_renewal_pass(get_runtime())
+    enqueue_charges(report.invoice_ids)
+    return {"claimed": report.claimed, "invoices": len(report.invoice_ids)}
+
+
+@app.task(name="billing.retry_due", ignore_result=True)
+def retry_due() -> int:
+    ids = due_retries(get_runtime())
+    enqueue_charges(ids)
+    return len(ids)
+
+
+@app.task(name="billing.janitor", ignore_result=True)
+def janitor() -> dict[str, int]:
+    report = run_janitor(get_runtime())
+    return {
+        "settled": len(report.settled),
+        "unresolved": len(report.still_unresolved),
+        "alerted": len(report.alerted),
+    }
+
+
+@app.task(name="billing.token_expiry_sweep", ignore_result=True)
+def token_expiry_sweep() -> int:
+    from billing.services.cards import sweep_expiring_tokens
+
+    return sweep_expiring_tokens(get_runtime())
+
+
+@app.task(name="billing.noop", ignore_result=False)
+def noop() -> None:
+    """Does nothing: the benchmark's measure of Celery's own cost per task."""
