@@ -1,0 +1,383 @@
+"""The Fatora HTTP client: one method per gateway call, typed results, typed errors.
+
+Built on a synchronous ``httpx.Client``; httpx's connection pool is thread-safe and this class
+keeps no other mutable state, so one instance can serve a worker's thread pool. Tests swap the
+network for an ``httpx.MockTransport`` through the ``transport`` argument.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+import httpx
+
+from billing.fatora.amounts import format_amount
+from billing.fatora.errors import (
+    FatoraError,
+    GatewayConnectionError,
+    GatewayTimeout,
+    MalformedResponse,
+    ModeMismatch,
+    RequestRejected,
+    declined,
+    error_from_response,
+)
+from billing.fatora.parsing import (
+    Envelope,
+    carries_payment,
+    parse_checkout,
+    parse_collect,
+    parse_envelope,
+    parse_payment,
+    parse_refund,
+    parse_retry_after,
+)
+from billing.fatora.types import (
+    CheckoutSession,
+    CollectResult,
+    Payment,
+    PaymentStatus,
+    RefundResult,
+)
+
+if TYPE_CHECKING:
+    from billing.config import FatoraSettings
+
+__all__ = ["DEFAULT_DEACTIVATE_PATH", "FatoraClient"]
+
+logger = logging.getLogger("billing.fatora")
+
+# The public docs name a "Deactivate Card Token" API without its URL; this is our best guess.
+DEFAULT_DEACTIVATE_PATH = "/payments/deactivate-token"
+# The refund page's heading and its code samples disagree; the samples' form is the fallback.
+_REFUND_PATH = "/payments/refund"
+_REFUND_FALLBACK_PATH = "/api/v1/payments/refund"
+_REDACTED = "[redacted]"
+_MODES = ("live", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class _Number:
+    """A JSON number literal spliced into a body as is (money must not pass through float)."""
+
+    literal: str
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"-?\d+(?:\.\d+)?", self.literal):
+            raise ValueError("not a plain decimal literal")
+
+
+_Json = str | int | bool | None | _Number | Mapping[str, "_Json"]
+
+
+def _encode(value: _Json) -> str:
+    """Compact JSON; ``_Number`` values go in verbatim, everything else through json.dumps."""
+    if isinstance(value, _Number):
+        return value.literal
+    if isinstance(value, Mapping):
+        items = (f"{json.dumps(k)}:{_encode(v)}" for k, v in value.items() if v is not None)
+        return "{" + ",".join(items) + "}"
+    return json.dumps(value)
+
+
+def encode_body(fields: Mapping[str, _Json]) -> bytes:
+    """The request body bytes. Keys whose value is None are left out."""
+    return _encode(fields).encode("ascii")
+
+
+def _is_pending(envelope: Envelope) -> bool:
+    # A charge may report PENDING in the envelope itself: that is not an error.
+    return envelope.status_word == "PENDING"
+
+
+def _required(value: str, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+class FatoraClient:
+    """Calls Fatora's v1 payment API with the merchant's API key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        mode: str = "live",
+        timeout_s: float = 30,
+        connect_timeout_s: float = 10,
+        transport: httpx.BaseTransport | None = None,
+        deactivate_path: str = DEFAULT_DEACTIVATE_PATH,
+    ) -> None:
+        mode = mode.strip().lower()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}")
+        if not api_key:
+            raise ValueError("api_key is required")
+        self._base_url = httpx.URL(base_url.rstrip("/"))
+        self._mode = mode
+        self._api_key = api_key
+        self._deactivate_path = deactivate_path
+        self._http = httpx.Client(
+            headers={
+                "api_key": api_key,
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            transport=transport,
+            # A redirect from a payment API is unexpected; following it could resend a charge.
+            follow_redirects=False,
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: FatoraSettings | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> Self:
+        """A client configured from FATORA_* environment settings."""
+        from billing.config import get_fatora_settings
+
+        s = settings if settings is not None else get_fatora_settings()
+        return cls(
+            s.base_url,
+            s.api_key.get_secret_value(),
+            mode=str(s.mode),
+            timeout_s=s.timeout_s,
+            connect_timeout_s=s.connect_timeout_s,
+            transport=transport,
+            deactivate_path=s.deactivate_path,
+        )
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def __repr__(self) -> str:
+        return f"FatoraClient(base_url={str(self._base_url)!r}, mode={self._mode!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ calls
+
+    def checkout(
+        self,
+        *,
+        amount: Decimal,
+        currency: str,
+        order_id: str,
+        client_name: str,
+        client_email: str,
+        client_phone: str | None = None,
+        language: str = "en",
+        success_url: str | None = None,
+        failure_url: str | None = None,
+        save_token: bool = False,
+        note: str | None = None,
+        fcm_token: str | None = None,
+    ) -> CheckoutSession:
+        """Create a hosted checkout session (with ``save_token`` to obtain a card token)."""
+        fields: dict[str, _Json] = {
+            "amount": _Number(format_amount(amount, currency)),
+            "currency": currency.upper(),
+            "order_id": _required(order_id, "order_id"),
+            "client": {"name": client_name, "email": client_email, "phone": client_phone},
+            "language": language,
+            "success_url": success_url,
+            "failure_url": failure_url,
+            "save_token": save_token,
+            "note": note,
+            "fcm_token": fcm_token,
+        }
+        with self._redacting():
+            envelope = self._envelope(self._post("/payments/checkout", fields, order_id=order_id))
+            return parse_checkout(envelope)
+
+    def collect_payment(
+        self, card_token: str, order_id: str, amount: Decimal, currency: str
+    ) -> CollectResult:
+        """Charge a stored card token. Settle only after ``verify`` confirms SUCCESS.
+
+        Raises HardDecline/SoftDecline for a decline (HTTP 200 FAILURE or a 4xx decline body)
+        and an OutcomeUnknown subclass whenever the charge may or may not have happened. A
+        PENDING answer is returned, not raised.
+        """
+        fields: dict[str, _Json] = {
+            "card_token": _required(card_token, "card_token"),
+            "order_id": _required(order_id, "order_id"),
+            "amount": _Number(format_amount(amount, currency)),
+            "currency": currency.upper(),
+        }
+        with self._redacting(card_token):
+            response = self._post("/payments/collect-payment", fields, order_id=order_id)
+            envelope = self._envelope(response, charge=True, accept=_is_pending)
+            result = parse_collect(envelope, order_id=order_id)
+            self._check_mode(result.mode)
+            if result.status is PaymentStatus.FAILURE:
+                raise declined(result.description, None, http_status=response.status_code)
+            return result
+
+    def verify(self, order_id: str, transaction_id: str | None = None) -> Payment:
+        """The authoritative state of a payment. A FAILURE payment is returned, not raised."""
+        fields: dict[str, _Json] = {
+            "order_id": _required(order_id, "order_id"),
+            "transaction_id": transaction_id,
+        }
+        with self._redacting():
+            response = self._post("/payments/verify", fields, order_id=order_id)
+            envelope = self._envelope(response, accept=carries_payment)
+            payment = parse_payment(envelope, order_id=order_id)
+            if (
+                transaction_id is not None
+                and payment.transaction_id is not None
+                and payment.transaction_id != transaction_id
+            ):
+                raise MalformedResponse("verify answered for a different transaction_id")
+            self._check_mode(payment.mode)
+            return payment
+
+    def refund(self, order_id: str, transaction_id: str) -> RefundResult:
+        """Ask for a full refund (no amount field is documented)."""
+        fields: dict[str, _Json] = {
+            "transaction_id": _required(transaction_id, "transaction_id"),
+            "order_id": _required(order_id, "order_id"),
+        }
+        with self._redacting():
+            response = self._post(_REFUND_PATH, fields, order_id=order_id)
+            if response.status_code == 404:
+                # The heading URL may simply not exist; a 404 there changed nothing, so trying
+                # the code samples' URL cannot refund twice.
+                response = self._post(self._refund_fallback_url(), fields, order_id=order_id)
+            return parse_refund(self._envelope(response))
+
+    def deactivate_token(self, card_token: str) -> None:
+        """Deactivate a stored card token. Already deactivated (HTTP 422) counts as done."""
+        fields: dict[str, _Json] = {"card_token": _required(card_token, "card_token")}
+        with self._redacting(card_token):
+            response = self._post(self._deactivate_path, fields, order_id=None)
+            if response.status_code == 422:
+                return
+            self._envelope(response)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _url(self, path: str) -> httpx.URL:
+        if path.startswith(("http://", "https://")):
+            return httpx.URL(path)
+        return self._base_url.copy_with(path=self._base_url.path.rstrip("/") + path)
+
+    def _refund_fallback_url(self) -> str:
+        # "https://api.fatora.io/v1" -> "https://api.fatora.io/api/v1/payments/refund"; a base
+        # mounted under a prefix keeps it ("http://h/fatora/v1" -> "http://h/fatora/api/v1/...").
+        prefix = self._base_url.path.rstrip("/")
+        prefix = prefix.removesuffix("/v1")
+        return str(self._base_url.copy_with(path=prefix + _REFUND_FALLBACK_PATH))
+
+    def _post(
+        self, path: str, fields: Mapping[str, _Json], *, order_id: str | None
+    ) -> httpx.Response:
+        url = self._url(path)
+        body = encode_body(fields)
+        started = time.perf_counter()
+        outcome: str = "error"
+        try:
+            response = self._http.post(url, content=body)
+            outcome = str(response.status_code)
+            return response
+        except httpx.TimeoutException as exc:
+            outcome = type(exc).__name__
+            raise GatewayTimeout(f"no answer in time ({type(exc).__name__})") from exc
+        except httpx.DecodingError as exc:
+            outcome = type(exc).__name__
+            raise MalformedResponse("response could not be decoded") from exc
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
+            # Raised before anything reaches the gateway: our configuration is wrong.
+            outcome = type(exc).__name__
+            raise RequestRejected(f"request not sent ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            outcome = type(exc).__name__
+            raise GatewayConnectionError(f"connection failed ({type(exc).__name__})") from exc
+        finally:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            level = logging.INFO if outcome.startswith("2") else logging.WARNING
+            logger.log(
+                level,
+                "fatora POST %s -> %s order_id=%s elapsed_ms=%.0f",
+                url.path,
+                outcome,
+                order_id or "-",
+                elapsed_ms,
+                extra={
+                    "fatora_path": url.path,
+                    "fatora_status": outcome,
+                    "order_id": order_id,
+                    "elapsed_ms": round(elapsed_ms),
+                },
+            )
+
+    def _envelope(
+        self,
+        response: httpx.Response,
+        *,
+        charge: bool = False,
+        accept: Callable[[Envelope], bool] | None = None,
+    ) -> Envelope:
+        """The SUCCESS envelope of a response, else the mapped error is raised."""
+        status = response.status_code
+        if 200 <= status < 300:
+            try:
+                envelope = parse_envelope(response.content)
+            except MalformedResponse as err:
+                err.http_status = status
+                raise
+            if envelope.ok or (accept is not None and accept(envelope)):
+                return envelope
+        raise error_from_response(
+            status,
+            response.content,
+            charge=charge,
+            retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+        )
+
+    def _check_mode(self, mode: str | None) -> None:
+        if self._mode == "live" and mode == "test":
+            raise ModeMismatch("gateway answered in test mode while the client runs live")
+
+    @contextmanager
+    def _redacting(self, *secrets: str) -> Iterator[None]:
+        """Strip the API key and card tokens from gateway text carried by a raised error."""
+        try:
+            yield
+        except FatoraError as err:
+            hidden = [s for s in (self._api_key, *secrets) if s]
+            for attr in ("description", "error_code"):
+                text = getattr(err, attr)
+                if text:
+                    for secret in hidden:
+                        text = text.replace(secret, _REDACTED)
+                    setattr(err, attr, text)
+            err.args = (err.description,)
+            raise
