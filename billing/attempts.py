@@ -70,9 +70,9 @@ def not_found_is_final(
     """May a 'payment not found' from verify be read as 'never charged'?
 
     When the gateway answered the collect call, it had finished with the request, so a later
-    'not found' is final, unless it had accepted the charge. When no answer came (a timeout, a dropped connection, a worker that
-    died during the call), the request may still be inside the gateway: only once ``grace`` has
-    passed since the attempt was written is 'not found' taken as final.
+    'not found' is final, unless it had accepted the charge. When no answer came (a timeout, a
+    dropped connection, a worker that died during the call), the request may still be inside the
+    gateway: only once ``grace`` has passed since the attempt was written is 'not found' final.
     """
     if ending is CallEnding.ACCEPTED:
         return False  # the gateway said it took the charge: only a human may say otherwise

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -205,8 +205,16 @@ def customers_add(
     from billing.services.customers import add_customer
 
     with unit_of_work() as (session, now):
-        customer = add_customer(session, external_id=external_id, name=name, email=email,
-                                phone=phone, language=language, timezone=timezone, now=now)
+        customer = add_customer(
+            session,
+            external_id=external_id,
+            name=name,
+            email=email,
+            phone=phone,
+            language=language,
+            timezone=timezone,
+            now=now,
+        )
         record = serialize.customer(customer)
     emit(record, as_json, str(record["id"]))
 
@@ -234,12 +242,18 @@ def cards_add(
     from billing.runtime import get_runtime
     from billing.services.customers import add_card, customer_by_external_id
 
-    if token == "-":
+    if token == "-":  # noqa: S105 - "-" means: read the token from standard input
         token = sys.stdin.readline().rstrip("\r\n")
     with unit_of_work() as (session, now):
         owner = customer_by_external_id(session, customer)
-        card = add_card(session, get_runtime().vault, customer=owner, token=token, now=now,
-                        issued_at=parse_instant(issued_at) if issued_at else None)
+        card = add_card(
+            session,
+            get_runtime().vault,
+            customer=owner,
+            token=token,
+            now=now,
+            issued_at=parse_instant(issued_at) if issued_at else None,
+        )
         record = serialize.card(card)
     emit(record, as_json, str(record["id"]))
 
@@ -274,16 +288,21 @@ def subs_create(
     emit(record, as_json, str(record["id"]))
 
 
-def _change(sub_id: int, action: Callable[[Session, Subscription, datetime], None],
-            as_json: bool) -> None:
+def _change(
+    sub_id: int, action: Callable[[Session, Subscription, datetime], None], as_json: bool
+) -> None:
     from billing.services.subscriptions import get_subscription
 
     with unit_of_work() as (session, now):
         sub = get_subscription(session, sub_id)
         action(session, sub, now)
         record = serialize.subscription(session, sub)
-    emit(record, as_json, f"subscription {sub_id}: {record['status']}"
-         + (" (cancels at period end)" if record["cancel_at_period_end"] else ""))
+    emit(
+        record,
+        as_json,
+        f"subscription {sub_id}: {record['status']}"
+        + (" (cancels at period end)" if record["cancel_at_period_end"] else ""),
+    )
 
 
 @subs_app.command("cancel")
@@ -398,8 +417,18 @@ def invoices_list(
     if as_json:
         emit(rows, True, "")
     else:
-        table(rows, ["id", "subscription_id", "period_start", "amount", "currency", "status",
-                     "next_attempt_at"])
+        table(
+            rows,
+            [
+                "id",
+                "subscription_id",
+                "period_start",
+                "amount",
+                "currency",
+                "status",
+                "next_attempt_at",
+            ],
+        )
 
 
 # -- clock, keys, collection --------------------------------------------------------------------
@@ -479,8 +508,11 @@ def collection_status(as_json: JsonOpt = False) -> None:
 
     with unit_of_work() as (session, _now):
         reason = collection_paused(session)
-    emit({"paused": reason is not None, "reason": reason}, as_json,
-         f"paused: {reason}" if reason else "running")
+    emit(
+        {"paused": reason is not None, "reason": reason},
+        as_json,
+        f"paused: {reason}" if reason else "running",
+    )
 
 
 # -- the billing run -------------------------------------------------------------------------
@@ -488,7 +520,9 @@ def collection_status(as_json: JsonOpt = False) -> None:
 
 @app.command("tick")
 def tick(
-    now: Annotated[str | None, typer.Option("--now", help="Test mode: run as of this time.")] = None,
+    now: Annotated[
+        str | None, typer.Option("--now", help="Test mode: run as of this time.")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the charges to settle.")] = False,
     timeout: Annotated[float, typer.Option("--timeout")] = 300.0,
     as_json: JsonOpt = False,
@@ -524,8 +558,22 @@ def sandbox(
     """Serve the Fatora sandbox under /v1 (FATORA_BASE_URL=http://HOST:PORT/v1)."""
     from billing.fatora.sandbox.server import run_server
 
-    run_server(host, port, api_key=api_key, latency_ms=latency_ms,
-               decline_style=decline_style, hang_s=hang_s)
+    run_server(
+        host,
+        port,
+        api_key=api_key,
+        latency_ms=latency_ms,
+        decline_style=_decline_style(decline_style),
+        hang_s=hang_s,
+    )
+
+
+def _decline_style(value: str) -> Literal["http200", "http4xx"]:
+    if value == "http200":
+        return "http200"
+    if value == "http4xx":
+        return "http4xx"
+    raise fail("--decline-style must be http200 or http4xx")
 
 
 @app.command("demo")

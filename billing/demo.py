@@ -117,12 +117,18 @@ def _gateway_round_trip(console: Console) -> None:
         f"(order {params.order_id}, transaction {params.transaction_id}, token received)"
     )
     first = gateway.verify("DEMO-CHECKOUT-1", params.transaction_id)
-    console.print(f"verify                     -> {first.status.value} {first.amount} {first.currency}")
+    console.print(
+        f"verify                     -> {first.status.value} {first.amount} {first.currency}"
+    )
     assert params.card_token is not None
-    collected = gateway.collect_payment(params.card_token, "DEMO-COLLECT-1", Decimal("50.00"), "QAR")
+    collected = gateway.collect_payment(
+        params.card_token, "DEMO-COLLECT-1", Decimal("50.00"), "QAR"
+    )
     console.print(f"collect on the saved token -> {collected.status}")
     second = gateway.verify("DEMO-COLLECT-1", collected.transaction_id)
-    console.print(f"verify                     -> {second.status.value} {second.amount} {second.currency}")
+    console.print(
+        f"verify                     -> {second.status.value} {second.amount} {second.currency}"
+    )
     assert second.transaction_id is not None
     refund = gateway.refund("DEMO-COLLECT-1", second.transaction_id)
     console.print(f"refund                     -> {refund.refund_status}")
@@ -150,12 +156,19 @@ def _billing_months(console: Console) -> None:
         for line in sync_plans(session, parse_plans(DEMO_PLANS, "demo plans"), START):
             console.print(f"plans sync: {line}")
         for name, behaviour, plan in CUSTOMERS:
-            customer = add_customer(session, external_id=name, name=name.title(),
-                                    email=f"{name}@example.com", now=START)
-            card = add_card(session, rt.vault, customer=customer, now=START,
-                            token=sandbox.issue_token(behaviour, issued_at=START))
-            create_subscription(session, customer=customer, plan=plan_by_code(session, plan),
-                                card=card, now=START)
+            customer = add_customer(
+                session, external_id=name, name=name.title(), email=f"{name}@example.com", now=START
+            )
+            card = add_card(
+                session,
+                rt.vault,
+                customer=customer,
+                now=START,
+                token=sandbox.issue_token(behaviour, issued_at=START),
+            )
+            create_subscription(
+                session, customer=customer, plan=plan_by_code(session, plan), card=card, now=START
+            )
             console.print(f"customer {name:<7} card behaves '{behaviour}', plan {plan}")
     day = START
     end = START + timedelta(days=92)
@@ -177,14 +190,21 @@ def _billing_months(console: Console) -> None:
         table.add_column(column)
     by_customer = {i + 1: c[0] for i, c in enumerate(CUSTOMERS)}
     with rt.sessions() as session:
-        invoices = list(session.execute(select(Invoice).order_by(Invoice.subscription_id,
-                                                                 Invoice.period_start)).scalars())
+        invoices = list(
+            session.execute(
+                select(Invoice).order_by(Invoice.subscription_id, Invoice.period_start)
+            ).scalars()
+        )
     from billing.money import from_minor
 
     for inv in invoices:
-        table.add_row(by_customer.get(inv.subscription_id, "?"), f"{inv.period_start:%Y-%m-%d}",
-                      f"{from_minor(inv.amount_minor, inv.currency)} {inv.currency}", inv.status,
-                      str(inv.attempt_count))
+        table.add_row(
+            by_customer.get(inv.subscription_id, "?"),
+            f"{inv.period_start:%Y-%m-%d}",
+            f"{from_minor(inv.amount_minor, inv.currency)} {inv.currency}",
+            inv.status,
+            str(inv.attempt_count),
+        )
     console.print(table)
     taken = Counter(
         str(c["order_id"]).split("-")[0] for c in sandbox.charges() if c["status"] == "SUCCESS"

@@ -84,7 +84,7 @@ def _reject_non_decimal(amount: object) -> Decimal:
     return value
 
 
-def quantize(amount: Decimal, currency: str) -> Decimal:
+def quantize(amount: Decimal | int, currency: str) -> Decimal:
     """Round ``amount`` to the currency's exponent with :data:`ROUNDING`; the one rounding rule."""
     value = _reject_non_decimal(amount)
     exponent = currency_exponent(currency)
@@ -142,7 +142,7 @@ def parse_amount(text: str, currency: str) -> Decimal:
     return quantize(value, code)
 
 
-def format_money(amount: Decimal, currency: str, locale: str = "en") -> str:
+def format_money(amount: Decimal | int, currency: str, locale: str = "en") -> str:
     """Human-readable amount for emails and dashboards, e.g. ``QAR50.00`` in ``en``."""
     code = normalize_currency(currency)
     # Quantize with our rule first so the text never disagrees with the amount charged.

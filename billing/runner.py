@@ -17,7 +17,9 @@ from billing.config import BillingMode, get_settings
 from billing.runtime import get_runtime
 
 
-def tick(*, now: datetime | None = None, wait: bool = False, timeout: float = 300.0) -> dict[str, Any]:
+def tick(
+    *, now: datetime | None = None, wait: bool = False, timeout: float = 300.0
+) -> dict[str, Any]:
     from schedules.renewal import run_renewal_pass
     from schedules.sweeps import due_retries
     from workers.tasks import enqueue_charges
@@ -45,7 +47,7 @@ def tick(*, now: datetime | None = None, wait: bool = False, timeout: float = 30
         remaining = max(0.1, deadline - time.monotonic())
         try:
             report = task.get(timeout=remaining, propagate=True)
-        except Exception as exc:  # noqa: BLE001 - a timeout or a task failure is reported
+        except Exception as exc:
             outcomes[f"not settled ({type(exc).__name__})"] += 1
             continue
         for word in report.get("results", {}).values():

@@ -44,7 +44,7 @@ class RenewalReport:
     claimed: int = 0
 
 
-def due_query(now: datetime, limit: int) -> Select[tuple[Subscription]]:
+def due_query(now: datetime, limit: int) -> Select[Subscription]:
     """The one due query: due subscriptions, oldest first, bounded."""
     return (
         select(Subscription)
@@ -85,8 +85,13 @@ def renew_one(session: Session, sub: Subscription, now: datetime) -> int | None:
         sub.canceled_at = period.start
         sub.next_billing_at = None
         sub.updated_at = now
-        record_event(session, "subscription.canceled", subscription=sub, now=now,
-                     payload={"at_period_end": True})
+        record_event(
+            session,
+            "subscription.canceled",
+            subscription=sub,
+            now=now,
+            payload={"at_period_end": True},
+        )
         return None
     price = price_at(session, plan.id, period.start)
     invoice_id = _insert_invoice(session, sub, period, price.amount_minor, price.currency, now)
@@ -131,12 +136,19 @@ def _insert_invoice(
     )
     invoice_id = session.execute(stmt).scalar_one_or_none()
     if invoice_id is not None:
-        record_event(session, "invoice.created", subscription=sub, now=now,
-                     payload={"invoice_id": invoice_id})
+        record_event(
+            session,
+            "invoice.created",
+            subscription=sub,
+            now=now,
+            payload={"invoice_id": invoice_id},
+        )
     return invoice_id
 
 
-def run_renewal_pass(rt: Runtime, *, now: datetime | None = None, max_batches: int = 1000) -> RenewalReport:
+def run_renewal_pass(
+    rt: Runtime, *, now: datetime | None = None, max_batches: int = 1000
+) -> RenewalReport:
     """Claim and renew due subscriptions until none is due; commit batch by batch.
 
     The caller enqueues the charges for ``report.invoice_ids`` after this returns, that is after

@@ -92,7 +92,10 @@ def _alert_stale(rt: Runtime, now: datetime, report: JanitorReport) -> None:
                     "alert.attempt_unresolved",
                     invoice=invoice,
                     now=now,
-                    payload={"attempt_id": attempt.id, "order_id": attempt.order_id,
-                             "status": attempt.status},
+                    payload={
+                        "attempt_id": attempt.id,
+                        "order_id": attempt.order_id,
+                        "status": attempt.status,
+                    },
                 )
                 report.alerted.append(attempt.id)

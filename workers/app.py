@@ -10,7 +10,7 @@ any charge task can take, so a slow task is never delivered twice while it still
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from billing.config import get_settings
 from schedules.beat import BEAT_SCHEDULE

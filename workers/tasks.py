@@ -22,7 +22,9 @@ from workers.app import app
 log = logging.getLogger("billing.tasks")
 
 
-def enqueue_charges(invoice_ids: Sequence[int], *, countdown: float | None = None) -> list[AsyncResult]:
+def enqueue_charges(
+    invoice_ids: Sequence[int], *, countdown: float | None = None
+) -> list[AsyncResult]:
     """Queue charge tasks in batches. Call only after the commit that created the invoices."""
     size = get_runtime().charge_batch_size
     ids = sorted(set(invoice_ids))

@@ -414,10 +414,9 @@ def _record(
 
 def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> None:
     attempt.status = outcome.status.value
-    if outcome.ending is not None:
-        # ACCEPTED is never downgraded: once the gateway took the charge, it stays taken-or-known.
-        if attempt.call_ending != CallEnding.ACCEPTED.value:
-            attempt.call_ending = outcome.ending.value
+    # ACCEPTED is never downgraded: once the gateway took the charge, it stays taken-or-known.
+    if outcome.ending is not None and attempt.call_ending != CallEnding.ACCEPTED.value:
+        attempt.call_ending = outcome.ending.value
     attempt.transaction_id = outcome.transaction_id or attempt.transaction_id
     attempt.auth_code = outcome.auth_code or attempt.auth_code
     attempt.description = (outcome.description or attempt.description or "")[:500] or None

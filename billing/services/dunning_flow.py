@@ -158,8 +158,14 @@ def _dunning_step(
         invoice.next_attempt_at = step.retry_at
         _move(sub, SubscriptionEvent.PAYMENT_FAILED, now)
         payload["retry_at"] = step.retry_at.isoformat()
-        record_event(session, "invoice.payment_failed", invoice=invoice, subscription=sub,
-                     now=now, payload=payload)
+        record_event(
+            session,
+            "invoice.payment_failed",
+            invoice=invoice,
+            subscription=sub,
+            now=now,
+            payload=payload,
+        )
         return
     assert step.final_action is not None
     invoice.next_attempt_at = None
@@ -167,5 +173,11 @@ def _dunning_step(
     _move(sub, SubscriptionEvent.PAYMENT_FAILED, now)
     _move(sub, final_action_event(step.final_action), now)
     payload["final_action"] = step.final_action.value
-    record_event(session, "invoice.dunning_exhausted", invoice=invoice, subscription=sub,
-                 now=now, payload=payload)
+    record_event(
+        session,
+        "invoice.dunning_exhausted",
+        invoice=invoice,
+        subscription=sub,
+        now=now,
+        payload=payload,
+    )

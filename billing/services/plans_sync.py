@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from billing.models import DunningPolicyRow, Plan, PlanPrice
 from billing.money import format_money, from_minor, to_minor
-from billing.plans import PlanSpec, PlansConfig
+from billing.plans import PlansConfig, PlanSpec
 from billing.services.subscriptions import price_at
 
 
@@ -25,8 +25,11 @@ def sync_plans(session: Session, config: PlansConfig, now: datetime) -> list[str
         row = session.get(DunningPolicyRow, policy.code)
         days = list(policy.retry_after_days)
         if row is None:
-            session.add(DunningPolicyRow(code=policy.code, retry_after_days=days,
-                                         final_action=policy.final_action.value))
+            session.add(
+                DunningPolicyRow(
+                    code=policy.code, retry_after_days=days, final_action=policy.final_action.value
+                )
+            )
             changes.append(f"create dunning policy {policy.code}")
         elif row.retry_after_days != days or row.final_action != policy.final_action.value:
             row.retry_after_days = days
@@ -38,9 +41,7 @@ def sync_plans(session: Session, config: PlansConfig, now: datetime) -> list[str
         plan = existing.get(spec.code)
         if plan is None:
             _create(session, spec, now)
-            changes.append(
-                f"create plan {spec.code}: {format_money(spec.amount, spec.currency)}"
-            )
+            changes.append(f"create plan {spec.code}: {format_money(spec.amount, spec.currency)}")
         else:
             changes.extend(_update(session, plan, spec, now))
     for code, plan in sorted(existing.items()):
@@ -68,8 +69,14 @@ def _create(session: Session, spec: PlanSpec, now: datetime) -> None:
     )
     session.add(plan)
     session.flush()
-    session.add(PlanPrice(plan_id=plan.id, amount_minor=to_minor(spec.amount, spec.currency),
-                          currency=spec.currency, effective_from=now))
+    session.add(
+        PlanPrice(
+            plan_id=plan.id,
+            amount_minor=to_minor(spec.amount, spec.currency),
+            currency=spec.currency,
+            effective_from=now,
+        )
+    )
 
 
 def _update(session: Session, plan: Plan, spec: PlanSpec, now: datetime) -> list[str]:
@@ -95,10 +102,18 @@ def _update(session: Session, plan: Plan, spec: PlanSpec, now: datetime) -> list
     if current.amount_minor != amount_minor or current.currency != spec.currency:
         old = format_money(from_minor(current.amount_minor, current.currency), current.currency)
         new = format_money(spec.amount, spec.currency)
-        session.add(PlanPrice(plan_id=plan.id, amount_minor=amount_minor,
-                              currency=spec.currency, effective_from=now))
+        session.add(
+            PlanPrice(
+                plan_id=plan.id,
+                amount_minor=amount_minor,
+                currency=spec.currency,
+                effective_from=now,
+            )
+        )
         plan.currency = spec.currency
-        changes.append(f"price of {plan.code}: {old} -> {new} for periods from {now:%Y-%m-%d %H:%M} UTC")
+        changes.append(
+            f"price of {plan.code}: {old} -> {new} for periods from {now:%Y-%m-%d %H:%M} UTC"
+        )
     if changes:
         plan.updated_at = now
     return changes

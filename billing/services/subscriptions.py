@@ -90,8 +90,13 @@ def create_subscription(
     )
     session.add(sub)
     session.flush()
-    record_event(session, "subscription.created", subscription=sub, now=now,
-                 payload={"plan": plan.code, "first_billing_at": first.start.isoformat()})
+    record_event(
+        session,
+        "subscription.created",
+        subscription=sub,
+        now=now,
+        payload={"plan": plan.code, "first_billing_at": first.start.isoformat()},
+    )
     return sub
 
 

@@ -31,7 +31,6 @@ from billing.runtime import Runtime
 from schedules.renewal import run_renewal_pass
 from schedules.sweeps import due_retries, run_janitor
 from tests.factories import seed_plans, subscriber
-from tests.integration.conftest import clean_db, pg_engine, pg_url  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -47,8 +46,9 @@ def broker() -> Iterator[Celery]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}. Start it (see .ci/run).",
-                    pytrace=False)
+        pytest.fail(
+            f"Redis is not reachable at {REDIS_URL}: {exc}. Start it (see .ci/run).", pytrace=False
+        )
     client.flushdb()
     app = Celery("e2e-client", broker=REDIS_URL)
     app.conf.task_serializer = "json"
@@ -79,11 +79,28 @@ class Workers:
 
     def start(self, name: str, concurrency: int = 2) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-             "-Q", "charges", "-c", str(concurrency), "-n", f"{name}@%h",
-             "--loglevel=WARNING", "--without-mingle", "--without-gossip"],
-            cwd=ROOT, env=self.env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "worker",
+                "-Q",
+                "charges",
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "--loglevel=WARNING",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.procs.append(proc)
         return proc
@@ -104,8 +121,12 @@ class Workers:
 
 
 @pytest.fixture()
-def workers(pg_url: str, gateway_server: ServerHandle, token_key: str,  # noqa: F811
-            broker: Celery) -> Iterator[Workers]:
+def workers(
+    pg_url: str,
+    gateway_server: ServerHandle,
+    token_key: str,
+    broker: Celery,
+) -> Iterator[Workers]:
     env = {
         **os.environ,
         "BILLING_MODE": "test",
@@ -124,18 +145,27 @@ def workers(pg_url: str, gateway_server: ServerHandle, token_key: str,  # noqa: 
 
 
 def _runtime(engine: Engine, server: ServerHandle, key: str) -> Runtime:
-    gateway = FatoraClient(server.url.rstrip("/") + "/v1", server.sandbox.api_key, mode="test",
-                           timeout_s=1)
-    rt = Runtime(engine=engine, sessions=session_factory(engine), clock=DatabaseClock(engine),
-                 gateway=gateway, locker=PostgresAdvisoryLocker(engine), live_gateway=False,
-                 unknown_grace=timedelta(seconds=GRACE_S), charge_batch_size=10)
+    gateway = FatoraClient(
+        server.url.rstrip("/") + "/v1", server.sandbox.api_key, mode="test", timeout_s=1
+    )
+    rt = Runtime(
+        engine=engine,
+        sessions=session_factory(engine),
+        clock=DatabaseClock(engine),
+        gateway=gateway,
+        locker=PostgresAdvisoryLocker(engine),
+        live_gateway=False,
+        unknown_grace=timedelta(seconds=GRACE_S),
+        charge_batch_size=10,
+    )
     return rt.with_vault(TokenVault(key))
 
 
 def _send(broker: Celery, invoice_ids: list[int], size: int = 10) -> None:
     for i in range(0, len(invoice_ids), size):
-        broker.send_task("billing.charge_invoices", args=[invoice_ids[i : i + size]],
-                         queue="charges")
+        broker.send_task(
+            "billing.charge_invoices", args=[invoice_ids[i : i + size]], queue="charges"
+        )
 
 
 def _settle_everything(rt: Runtime, broker: Celery, deadline_s: float = 90.0) -> None:
@@ -143,9 +173,11 @@ def _settle_everything(rt: Runtime, broker: Celery, deadline_s: float = 90.0) ->
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         with rt.sessions() as session:
-            open_count = len(session.execute(
-                select(Invoice.id).where(Invoice.status == InvoiceStatus.OPEN.value)
-            ).all())
+            open_count = len(
+                session.execute(
+                    select(Invoice.id).where(Invoice.status == InvoiceStatus.OPEN.value)
+                ).all()
+            )
         if open_count == 0:
             return
         time.sleep(1.0)
@@ -159,7 +191,8 @@ def _assert_exactly_once(rt: Runtime, sandbox: Sandbox) -> int:
     with rt.sessions() as session:
         invoices = list(session.execute(select(Invoice)).scalars())
         succeeded = {
-            a.order_id: a for a in session.execute(
+            a.order_id: a
+            for a in session.execute(
                 select(ChargeAttempt).where(ChargeAttempt.status == "succeeded")
             ).scalars()
         }
@@ -173,8 +206,11 @@ def _assert_exactly_once(rt: Runtime, sandbox: Sandbox) -> int:
 
 
 def test_many_subscriptions_over_several_periods_with_every_task_delivered_twice(
-    clean_db: Engine, gateway_server: ServerHandle, workers: Workers,  # noqa: F811
-    broker: Celery, token_key: str,
+    clean_db: Engine,
+    gateway_server: ServerHandle,
+    workers: Workers,
+    broker: Celery,
+    token_key: str,
 ) -> None:
     """Invariant: one successful charge per invoice, every charge recorded, over three periods,
     with faults (timeouts after charging, 5xx, PENDING) and every charge task sent twice."""
@@ -183,8 +219,12 @@ def test_many_subscriptions_over_several_periods_with_every_task_delivered_twice
     clock.set(START)
     seed_plans(rt)
     sandbox = gateway_server.sandbox
-    behaviours = ["success", "timeout_after_charge", "server_error_before_charge",
-                  "pending_then_success"]
+    behaviours = [
+        "success",
+        "timeout_after_charge",
+        "server_error_before_charge",
+        "pending_then_success",
+    ]
     for i in range(24):
         subscriber(rt, sandbox, [behaviours[i % len(behaviours)]], name=f"c{i}")
     workers.start("w1")
@@ -200,8 +240,11 @@ def test_many_subscriptions_over_several_periods_with_every_task_delivered_twice
 
 
 def test_worker_killed_mid_charges_loses_and_doubles_nothing(
-    clean_db: Engine, gateway_server: ServerHandle, workers: Workers,  # noqa: F811
-    broker: Celery, token_key: str,
+    clean_db: Engine,
+    gateway_server: ServerHandle,
+    workers: Workers,
+    broker: Celery,
+    token_key: str,
 ) -> None:
     """Invariant: a worker SIGKILLed in the middle of charges neither loses a charge nor lets
     another worker charge an invoice twice; the survivors settle everything with verify."""
@@ -211,8 +254,7 @@ def test_worker_killed_mid_charges_loses_and_doubles_nothing(
     seed_plans(rt)
     sandbox = gateway_server.sandbox
     for i in range(60):
-        subscriber(rt, sandbox, ["timeout_after_charge" if i % 5 == 0 else "success"],
-                   name=f"k{i}")
+        subscriber(rt, sandbox, ["timeout_after_charge" if i % 5 == 0 else "success"], name=f"k{i}")
     ids = run_renewal_pass(rt).invoice_ids
     victim = workers.start("victim", concurrency=2)
     _send(broker, ids)

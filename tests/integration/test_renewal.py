@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from datetime import UTC, datetime
 
@@ -57,23 +58,29 @@ def test_two_schedulers_at_once_create_each_invoice_once(
     assert run_renewal_pass(rt).invoice_ids == []  # nothing left due
 
 
-def test_month_end_anchors_follow_the_calendar(rt: Runtime, sandbox: Sandbox, clock: FixedClock) -> None:
+def test_month_end_anchors_follow_the_calendar(
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock
+) -> None:
     """Anchors on 29, 30 and 31 January bill on the clamped day each month, never skipping one."""
     seed_plans(rt)
     subs = {}
     for day in (29, 30, 31):
         start = datetime(2026, 1, day, 9, 0, tzinfo=UTC)
         clock.at = start
-        subs[day] = subscriber(rt, sandbox, ["success"], name=f"d{day}", start=start, timezone="UTC")
+        subs[day] = subscriber(
+            rt, sandbox, ["success"], name=f"d{day}", start=start, timezone="UTC"
+        )
     clock.at = datetime(2026, 5, 15, tzinfo=UTC)
     run_renewal_pass(rt)
-    starts = {day: [p[0].date().isoformat() for p in _periods(rt, sub)] for day, sub in subs.items()}
+    starts = {
+        day: [p[0].date().isoformat() for p in _periods(rt, sub)] for day, sub in subs.items()
+    }
     assert starts[29] == ["2026-01-29", "2026-02-28", "2026-03-29", "2026-04-29"]
     assert starts[30] == ["2026-01-30", "2026-02-28", "2026-03-30", "2026-04-30"]
     assert starts[31] == ["2026-01-31", "2026-02-28", "2026-03-31", "2026-04-30"]
     for sub in subs.values():
         periods = _periods(rt, sub)
-        assert all(a[1] == b[0] for a, b in zip(periods, periods[1:], strict=False))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(periods))
 
 
 def test_price_change_applies_to_later_periods_only(
@@ -90,7 +97,13 @@ def test_price_change_applies_to_later_periods_only(
     clock.at = datetime(2026, 4, 1, tzinfo=UTC)  # periods of 28 Feb and 31 Mar are due
     run_renewal_pass(rt)
     with rt.sessions() as session:
-        amounts = session.execute(
-            select(Invoice.amount_minor).where(Invoice.subscription_id == sub).order_by(Invoice.id)
-        ).scalars().all()
+        amounts = (
+            session.execute(
+                select(Invoice.amount_minor)
+                .where(Invoice.subscription_id == sub)
+                .order_by(Invoice.id)
+            )
+            .scalars()
+            .all()
+        )
     assert amounts == [5000, 6000, 6000]

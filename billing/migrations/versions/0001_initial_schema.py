@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -307,8 +306,6 @@ def upgrade() -> None:
         )
 
 
-
-
 def downgrade() -> None:
 
     with op.batch_alter_table("events", schema=None) as batch_op:
@@ -357,4 +354,3 @@ def downgrade() -> None:
     op.drop_table("customers")
     op.drop_table("control_flags")
     op.drop_table("clock")
-

@@ -1,0 +1,382 @@
+"""The plans file: a TOML file of plans and dunning policies, validated all at once.
+
+Format (see ``plans.example.toml``)::
+
+    [plans.basic-monthly]
+    name = "Basic"
+    amount = "50.00"        # a decimal *string*, in the currency's major unit
+    currency = "QAR"
+    interval = "month"      # day | week | month | year; or cron = "0 9 * * MON" instead
+    interval_count = 1      # optional, default 1
+    trial_days = 0          # optional, default 0
+    dunning = "standard"    # optional, default "standard"
+    description = "..."     # optional
+
+    [dunning.standard]
+    retry_after_days = [1, 3, 5, 7]   # after the first failed charge of an invoice
+    final_action = "cancel"           # cancel | unpaid | pause
+
+A file with mistakes raises :class:`PlansFileError` listing every mistake, one per line, as
+``FILE: plans.CODE.FIELD: message``, so an operator fixes them in one pass instead of one per
+restart. The built-in ``standard`` dunning policy exists only when the file defines none.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from billing.dunning import STANDARD, DunningPolicy, FinalAction, retry_days_problem
+from billing.money import UnknownCurrency, normalize_currency, parse_amount, parse_decimal
+from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, validate_cron
+
+__all__ = [
+    "PlanIssue",
+    "PlanSpec",
+    "PlansConfig",
+    "PlansFileError",
+    "load_plans",
+    "parse_plans",
+]
+
+CODE_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+_PLAN_REQUIRED = ("name", "amount", "currency")
+_PLAN_KEYS = frozenset(
+    {*_PLAN_REQUIRED, "interval", "interval_count", "cron", "trial_days", "dunning", "description"}
+)
+_DUNNING_KEYS = frozenset({"retry_after_days", "final_action"})
+_TOP_LEVEL = ("plans", "dunning")
+
+_Fail = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class PlanIssue:
+    """One mistake in a plans file; ``entry`` and ``field`` are ``None`` when not applicable."""
+
+    file: str
+    entry: str | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = ".".join(part for part in (self.entry, self.field) if part)
+        return f"{self.file}: {where}: {self.message}" if where else f"{self.file}: {self.message}"
+
+
+class PlansFileError(ValueError):
+    """The plans file is invalid; ``errors`` holds every issue found, section by section."""
+
+    def __init__(self, errors: list[PlanIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """A validated plan: either an interval plan or a cron plan, never both."""
+
+    code: str
+    name: str
+    amount: Decimal
+    currency: str
+    interval: Interval | None
+    interval_count: int
+    cron: str | None
+    trial_days: int
+    dunning: str
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.interval is None) == (self.cron is None):
+            raise ValueError(f"plan {self.code!r} needs exactly one of interval and cron")
+        if self.interval_count < 1 or self.trial_days < 0:
+            raise ValueError(f"plan {self.code!r}: interval_count >= 1 and trial_days >= 0")
+
+    def schedule(self, anchor: datetime, tz: str) -> Schedule:
+        """The billing schedule of a subscription to this plan, anchored at ``anchor`` in ``tz``."""
+        if self.interval is not None:
+            return IntervalSchedule(self.interval, self.interval_count, anchor, tz)
+        assert self.cron is not None  # guaranteed by __post_init__
+        return CronSchedule(self.cron, tz)
+
+
+@dataclass(frozen=True)
+class PlansConfig:
+    """All plans and dunning policies from one file, by code."""
+
+    plans: dict[str, PlanSpec]
+    dunning: dict[str, DunningPolicy] = field(default_factory=lambda: {"standard": STANDARD})
+
+    def dunning_for(self, plan: PlanSpec) -> DunningPolicy:
+        """The dunning policy that ``plan`` refers to."""
+        return self.dunning[plan.dunning]
+
+
+def load_plans(path: str | os.PathLike[str]) -> PlansConfig:
+    """Read and validate the plans file at ``path``."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except OSError as error:
+        raise PlansFileError(
+            [PlanIssue(source, None, None, f"cannot read: {error.strerror}")]
+        ) from None
+    except UnicodeDecodeError as error:
+        raise PlansFileError(
+            [PlanIssue(source, None, None, f"not UTF-8: {error.reason}")]
+        ) from None
+    return parse_plans(text, source)
+
+
+def parse_plans(text: str, source: str) -> PlansConfig:
+    """Validate plans-file ``text``; ``source`` names the file in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # The message carries "(at line N, column M)"; duplicate tables and keys land here too.
+        raise PlansFileError([PlanIssue(source, None, None, f"invalid TOML: {error}")]) from None
+    return _Validator(source).run(document)
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hint(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Validator:
+    """Collects every issue in a parsed document instead of stopping at the first."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.issues: list[PlanIssue] = []
+
+    def error(self, entry: str | None, field_name: str | None, message: str) -> None:
+        self.issues.append(PlanIssue(self.source, entry, field_name, message))
+
+    def has_issue(self, entry: str) -> bool:
+        return any(issue.entry == entry for issue in self.issues)
+
+    def run(self, document: Mapping[str, Any]) -> PlansConfig:
+        for key in document:
+            if key not in _TOP_LEVEL:
+                self.error(key, None, f"unknown top-level table {key!r}{_hint(key, _TOP_LEVEL)}")
+
+        if "dunning" in document:
+            declared, policies = self.dunning_section(document["dunning"])
+        else:
+            declared, policies = {STANDARD.code}, {STANDARD.code: STANDARD}
+        plans = self.plans_section(document.get("plans"), declared)
+
+        if self.issues:
+            raise PlansFileError(self.issues)
+        return PlansConfig(plans=plans, dunning=policies)
+
+    def entries(
+        self, section: str, table: object, allowed: frozenset[str]
+    ) -> list[tuple[str, Mapping[str, Any]]]:
+        """The ``[section.CODE]`` entries that are tables, in file order."""
+        if not isinstance(table, dict):
+            self.error(section, None, f"must be a table of entries, not {_type_name(table)}")
+            return []
+        seen: dict[str, str] = {}
+        good: list[tuple[str, Mapping[str, Any]]] = []
+        for code, body in table.items():
+            entry = f"{section}.{code}"
+            if not CODE_RE.fullmatch(code):
+                self.error(entry, None, f"code {code!r} must match {CODE_RE.pattern}")
+            if code.lower() in seen:
+                first = seen[code.lower()]
+                self.error(entry, None, f"code {code!r} duplicates {first!r} (case-insensitive)")
+            seen.setdefault(code.lower(), code)
+            if not isinstance(body, dict):
+                self.error(entry, None, f"must be a table, not {_type_name(body)}")
+                continue
+            for key in body:
+                if key not in allowed:
+                    self.error(entry, key, f"unknown key {key!r}{_hint(key, allowed)}")
+            # An entry with a bad code is still checked, so that all its mistakes show at once;
+            # has_issue() then keeps it out of the result.
+            good.append((code, body))
+        return good
+
+    def dunning_section(self, table: object) -> tuple[set[str], dict[str, DunningPolicy]]:
+        """Declared policy codes (so plans can refer to a broken one) and the valid policies."""
+        entries = self.entries("dunning", table, _DUNNING_KEYS)
+        policies = {}
+        for code, body in entries:
+            entry = f"dunning.{code}"
+            days = body.get("retry_after_days")
+            if days is None:
+                self.error(entry, "retry_after_days", "missing required key")
+            else:
+                problem = retry_days_problem(days)
+                if problem:
+                    self.error(entry, "retry_after_days", problem)
+            action = body.get("final_action")
+            if action is None:
+                self.error(entry, "final_action", "missing required key")
+            elif action not in tuple(FinalAction):
+                choices = ", ".join(FinalAction)
+                self.error(
+                    entry, "final_action", f"final_action {action!r} is not one of {choices}"
+                )
+            if days is not None and action is not None and not self.has_issue(entry):
+                policies[code] = DunningPolicy(code, tuple(days), FinalAction(action))
+        return {code for code, _ in entries if CODE_RE.fullmatch(code)}, policies
+
+    def plans_section(self, table: object, policies: set[str]) -> dict[str, PlanSpec]:
+        if table is None or table == {}:
+            self.error(None, None, "the file defines no plans (expected [plans.CODE] tables)")
+            return {}
+        plans = {}
+        for code, body in self.entries("plans", table, _PLAN_KEYS):
+            plan = self.plan(code, body, policies)
+            if plan is not None:
+                plans[code] = plan
+        return plans
+
+    def plan(self, code: str, body: Mapping[str, Any], policies: set[str]) -> PlanSpec | None:
+        entry = f"plans.{code}"
+
+        def fail(field_name: str, message: str) -> None:
+            self.error(entry, field_name, message)
+
+        for key in _PLAN_REQUIRED:
+            if key not in body:
+                fail(key, "missing required key")
+
+        name = body.get("name")
+        if "name" in body and (not isinstance(name, str) or not name.strip()):
+            fail("name", "name must be a non-empty string")
+
+        currency: str | None = None
+        if "currency" in body:
+            raw = body["currency"]
+            if not isinstance(raw, str):
+                fail("currency", f'currency must be a string like "QAR", not {_type_name(raw)}')
+            else:
+                try:
+                    currency = normalize_currency(raw)
+                except UnknownCurrency as error:
+                    fail("currency", str(error))
+
+        amount = _amount(body, currency, fail)
+        interval, cron = self.timing(body, fail)
+
+        interval_count = body.get("interval_count", 1)
+        if "interval_count" in body and "interval" not in body and "cron" in body:
+            fail("interval_count", "interval_count applies to interval plans, not cron plans")
+        elif not _is_int(interval_count) or interval_count < 1:
+            fail(
+                "interval_count", f"interval_count must be an integer >= 1, got {interval_count!r}"
+            )
+
+        trial_days = body.get("trial_days", 0)
+        if not _is_int(trial_days) or trial_days < 0:
+            fail("trial_days", f"trial_days must be an integer >= 0, got {trial_days!r}")
+
+        dunning = body.get("dunning", STANDARD.code)
+        if not isinstance(dunning, str):
+            fail("dunning", f"dunning must be a policy code string, not {_type_name(dunning)}")
+        elif dunning not in policies:
+            known = ", ".join(sorted(policies)) or "none"
+            fail("dunning", f"unknown dunning policy {dunning!r} (defined: {known})")
+
+        description = body.get("description")
+        if description is not None and not isinstance(description, str):
+            fail("description", f"description must be a string, not {_type_name(description)}")
+
+        if self.has_issue(entry):
+            return None
+        assert isinstance(name, str) and amount is not None and currency is not None
+        return PlanSpec(
+            code=code,
+            name=name.strip(),
+            amount=amount,
+            currency=currency,
+            interval=interval,
+            interval_count=interval_count,
+            cron=cron,
+            trial_days=trial_days,
+            dunning=dunning,
+            description=description,
+        )
+
+    @staticmethod
+    def timing(body: Mapping[str, Any], fail: _Fail) -> tuple[Interval | None, str | None]:
+        """The plan's interval or cron expression: exactly one must be given."""
+        interval: Interval | None = None
+        cron: str | None = None
+        has_interval, has_cron = "interval" in body, "cron" in body
+        if has_interval and has_cron:
+            fail("cron", "give either interval or cron, not both")
+        elif not has_interval and not has_cron:
+            fail("interval", "missing: give interval (day, week, month or year) or cron")
+        if has_interval:
+            raw = body["interval"]
+            if raw in tuple(Interval):
+                interval = Interval(raw)
+            else:
+                fail("interval", f"interval {raw!r} is not one of {', '.join(Interval)}")
+        if has_cron:
+            raw = body["cron"]
+            if not isinstance(raw, str):
+                fail("cron", f"cron must be a string, not {_type_name(raw)}")
+            else:
+                try:
+                    validate_cron(raw)
+                    cron = raw.strip()
+                except ValueError as error:
+                    fail("cron", str(error))
+        return interval, cron
+
+
+def _amount(body: Mapping[str, Any], currency: str | None, fail: _Fail) -> Decimal | None:
+    if "amount" not in body:
+        return None
+    raw = body["amount"]
+    if isinstance(raw, float):
+        fail(
+            "amount",
+            f'amount must be a string such as "{raw}" (in quotes), not the TOML float {raw}:'
+            " a float cannot hold money exactly",
+        )
+        return None
+    if not isinstance(raw, str):
+        fail("amount", f'amount must be a decimal string such as "50.00", not {_type_name(raw)}')
+        return None
+    try:
+        if currency is None:
+            # The decimals depend on the currency, which is reported on its own; still check the
+            # syntax and the sign so that every mistake shows up in one pass.
+            parse_decimal(raw)
+            return None
+        return parse_amount(raw, currency)
+    except ValueError as error:
+        fail("amount", str(error))
+        return None
