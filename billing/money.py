@@ -23,10 +23,12 @@ __all__ = [
     "UnknownCurrency",
     "currency_exponent",
     "format_money",
+    "from_minor",
     "normalize_currency",
     "parse_amount",
     "parse_decimal",
     "quantize",
+    "to_minor",
 ]
 
 # Half up, not banker's rounding: each invoice amount is rounded once and then charged, so the

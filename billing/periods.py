@@ -143,7 +143,7 @@ def _resolve(wall: datetime, tz: ZoneInfo) -> datetime:
 
 @dataclass(frozen=True)
 class IntervalSchedule:
-    """Every ``count`` ``unit``\\ s from ``anchor``, on the anchor's wall-clock time in ``tz``."""
+    """Every ``count`` days, weeks, months or years from ``anchor``, at its wall time in ``tz``."""
 
     unit: Interval
     count: int

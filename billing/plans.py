@@ -98,8 +98,10 @@ class PlanSpec:
     def __post_init__(self) -> None:
         if (self.interval is None) == (self.cron is None):
             raise ValueError(f"plan {self.code!r} needs exactly one of interval and cron")
-        if self.interval_count < 1 or self.trial_days < 0:
-            raise ValueError(f"plan {self.code!r}: interval_count >= 1 and trial_days >= 0")
+        if self.interval_count < 1:
+            raise ValueError(f"plan {self.code!r}: interval_count must be >= 1")
+        if self.trial_days < 0:
+            raise ValueError(f"plan {self.code!r}: trial_days must be >= 0")
 
     def schedule(self, anchor: datetime, tz: str) -> Schedule:
         """The billing schedule of a subscription to this plan, anchored at ``anchor`` in ``tz``."""
