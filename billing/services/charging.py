@@ -251,6 +251,8 @@ def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionRepor
             if invoice.id in blocked:
                 continue  # its result (unknown, pending) was noted while settling
             verdict = _collectable(invoice, now)
+            if verdict is None and dunning_flow.subscription_ended(session, invoice, now):
+                verdict = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
             if verdict is not None:
                 report.note(invoice.id, verdict)
                 continue

@@ -55,6 +55,18 @@ def usable_card(session: Session, invoice: Invoice, now: datetime) -> CardToken 
     return None
 
 
+def subscription_ended(session: Session, invoice: Invoice, now: datetime) -> bool:
+    """Void an open invoice whose subscription was canceled; True when it did."""
+    sub = session.get(Subscription, invoice.subscription_id)
+    assert sub is not None
+    if sub.status != SubscriptionStatus.CANCELED.value:
+        return False
+    invoice.status = InvoiceStatus.VOID.value
+    invoice.next_attempt_at = None
+    invoice.updated_at = now
+    return True
+
+
 def _alive(card: CardToken, now: datetime) -> bool:
     return card.status == CardStatus.ACTIVE.value and card.expires_at > now
 

@@ -240,3 +240,36 @@ def test_live_mode_refuses_a_test_result(
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.OPEN.value
     (attempt,) = attempts_of(rt, invoice_id)
     assert attempt.status in (AttemptStatus.UNKNOWN.value, AttemptStatus.ANOMALY.value)
+
+
+def test_an_invoice_of_a_canceled_subscription_is_voided_not_charged(
+    rt: Runtime, sandbox: Sandbox
+) -> None:
+    """Canceling stops the money: an open invoice is voided, never charged afterwards."""
+    from billing.services.subscriptions import cancel, get_subscription
+
+    sub_id, invoice_id = _one_due_invoice(rt, sandbox, ["insufficient_funds", "success"])
+    collect_invoices(rt, [invoice_id])
+    with rt.sessions() as session, session.begin():
+        cancel(session, get_subscription(session, sub_id), rt.clock.now(), at_period_end=False)
+    rt.clock.advance(timedelta(days=2))  # type: ignore[attr-defined]
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "void"
+    assert invoice_of(rt, invoice_id).status == InvoiceStatus.VOID.value
+    assert len(attempts_of(rt, invoice_id)) == 1
+    assert successful_charges(sandbox, invoice_id) == []
+
+
+def test_token_expiry_sweep_warns_once_before_a_renewal_after_expiry(
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock
+) -> None:
+    """A token dies six months after issue: the customer is warned once, ahead of the charge."""
+    from billing.services.cards import sweep_expiring_tokens
+
+    seed_plans(rt)
+    subscriber(rt, sandbox, ["success"])
+    for _ in range(6):
+        renew(rt)
+        clock.advance(timedelta(days=31))
+    renew(rt)
+    assert sweep_expiring_tokens(rt) == 1
+    assert sweep_expiring_tokens(rt) == 0
