@@ -10,8 +10,8 @@ from sqlalchemy import select
 from billing.dunning import STANDARD, DunningPolicy
 from billing.fatora.sandbox import Sandbox
 from billing.models import ChargeAttempt, Invoice, Subscription
-from billing.plans import PlansConfig, PlanSpec
 from billing.periods import Interval
+from billing.plans import PlansConfig, PlanSpec
 from billing.runtime import Runtime
 from billing.services.customers import add_card, add_customer
 from billing.services.plans_sync import sync_plans
@@ -34,7 +34,9 @@ def plans_config(amount: str = "50.00", currency: str = "QAR") -> PlansConfig:
     return PlansConfig(plans={"monthly": monthly}, dunning={"standard": STANDARD})
 
 
-def seed_plans(rt: Runtime, config: PlansConfig | None = None, *, extra: DunningPolicy | None = None) -> None:
+def seed_plans(
+    rt: Runtime, config: PlansConfig | None = None, *, extra: DunningPolicy | None = None
+) -> None:
     with rt.sessions() as session, session.begin():
         sync_plans(session, config or plans_config(), rt.clock.now())
 
@@ -53,17 +55,31 @@ def subscriber(
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
         customer = add_customer(
-            session, external_id=name, name=name, email=f"{name}@example.com", now=now,
+            session,
+            external_id=name,
+            name=name,
+            email=f"{name}@example.com",
+            now=now,
             timezone=timezone,
         )
         cards = [
-            add_card(session, rt.vault, customer=customer, token=sandbox.issue_token(b),
-                     now=now, issued_at=now)
+            add_card(
+                session,
+                rt.vault,
+                customer=customer,
+                token=sandbox.issue_token(b),
+                now=now,
+                issued_at=now,
+            )
             for b in behaviours
         ]
         sub = create_subscription(
-            session, customer=customer, plan=plan_by_code(session, plan), now=now,
-            card=cards[0] if cards else None, start=start,
+            session,
+            customer=customer,
+            plan=plan_by_code(session, plan),
+            now=now,
+            card=cards[0] if cards else None,
+            start=start,
         )
         return sub.id
 

@@ -37,8 +37,12 @@ TOKEN = "Ab+/Cd|Ef\\\\12zZ=="  # what a Fatora token looks like: + / \\ |
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-def cli_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-            clean_db: object) -> Iterator[str]:
+def cli_env(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    clean_db: object,
+) -> Iterator[str]:
     if request.param == "postgresql":
         url = str(clean_db.url.render_as_string(hide_password=False))  # type: ignore[attr-defined]
     else:
@@ -71,8 +75,14 @@ def test_a_plans_file_with_mistakes_is_rejected_whole(cli_env: str, tmp_path: Pa
     bad = tmp_path / "plans.toml"
     bad.write_text(BAD_PLANS)
     output = run("plans", "sync", str(bad), ok=False)
-    for expected in ("plans.basic.amount", "plans.office.currency", "plans.office.cron",
-                     "plans.office.trial_days", "plans.office.dunning", str(bad)):
+    for expected in (
+        "plans.basic.amount",
+        "plans.office.currency",
+        "plans.office.cron",
+        "plans.office.trial_days",
+        "plans.office.dunning",
+        str(bad),
+    ):
         assert expected in output
     assert "Traceback" not in output
     assert json.loads(run("plans", "list", "--json")) == []
@@ -90,12 +100,38 @@ def test_valid_plans_sync_twice_changes_nothing_the_second_time(cli_env: str) ->
 def test_customer_card_subscription_and_the_token_is_not_readable_at_rest(cli_env: str) -> None:
     """The whole path a merchant walks; the card token is stored only encrypted."""
     run("plans", "sync", str(ROOT / "plans.example.toml"))
-    customer = json.loads(run("customers", "add", "--external-id", "C1", "--name", "Amal",
-                              "--email", "amal@example.com", "--timezone", "Asia/Qatar", "--json"))
+    customer = json.loads(
+        run(
+            "customers",
+            "add",
+            "--external-id",
+            "C1",
+            "--name",
+            "Amal",
+            "--email",
+            "amal@example.com",
+            "--timezone",
+            "Asia/Qatar",
+            "--json",
+        )
+    )
     assert customer["external_id"] == "C1"
     card_id = run("cards", "add", "--customer", "C1", "--token", "-", input=TOKEN + "\n").strip()
-    sub = json.loads(run("subscriptions", "create", "--customer", "C1", "--plan", "basic-monthly",
-                         "--card", card_id, "--start", "2027-01-31T09:00:00Z", "--json"))
+    sub = json.loads(
+        run(
+            "subscriptions",
+            "create",
+            "--customer",
+            "C1",
+            "--plan",
+            "basic-monthly",
+            "--card",
+            card_id,
+            "--start",
+            "2027-01-31T09:00:00Z",
+            "--json",
+        )
+    )
     assert sub["status"] == "active" and sub["next_billing_at"] == "2027-01-31T09:00:00Z"
     shown = json.loads(run("subscriptions", "show", str(sub["id"]), "--json"))
     assert shown["invoices"] == []

@@ -1,0 +1,37 @@
+# The billing image: one image for every process (worker, beat, flower, migrate, sandbox).
+# docker-compose.yml chooses the command; nothing secret is baked in: every key comes from the
+# environment at run time.
+
+# -- build: wheels for the project and its dependencies ------------------------------------
+FROM python:3.11-slim AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY billing ./billing
+COPY workers ./workers
+COPY schedules ./schedules
+RUN pip wheel --wheel-dir /wheels ".[flower]"
+
+# -- run -------------------------------------------------------------------------------------
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+COPY --from=build /wheels /wheels
+RUN pip install --no-index --find-links=/wheels "fatora-billing[flower]" \
+    && rm -rf /wheels \
+    && useradd --create-home --home-dir /home/billing --uid 10001 --user-group billing
+
+# The working directory is the user's own: celery beat keeps its schedule file there.
+USER billing
+WORKDIR /home/billing
+COPY --chown=billing:billing plans.example.toml ./plans.example.toml
+
+# A worker on every queue by default; docker-compose.yml names the command of each service.
+CMD ["celery", "-A", "workers.app", "worker", "-Q", "charges,notifications,maintenance", "--loglevel=INFO"]

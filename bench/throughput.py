@@ -1,0 +1,513 @@
+"""Benchmark: charge throughput of real Celery workers against the cost of an empty task.
+
+Everything runs for real on this machine: ``celery -A workers.app worker`` processes on Redis
+(database 14, flushed before and after), a PostgreSQL database of the benchmark's own
+(``billing_bench_tp``, dropped and recreated on every run, dropped at the end) and the Fatora
+sandbox served over HTTP by uvicorn in this process, answering every request after
+``--latency-ms``.
+
+Two phases run on the same warm workers, measured the same way: with the workers' consumers of
+the ``charges`` queue cancelled, the whole load is queued; the clock starts when the consumers
+are added back and stops at the first 0.1 s poll that sees all of the work done (the time to
+drain a preloaded queue, without the client's enqueueing speed in it).
+
+1. ``billing.noop`` x ``--noop``: Celery's own cost per task (receive, ack, result write).
+   Completion is counted by the result records the workers write to Redis.
+2. ``billing.charge_invoices`` over ``--n`` due invoices in batches of ``--batch``: each
+   invoice is locked, written ahead, collected and verified at the sandbox, and recorded.
+   Completion is counted with one ``COUNT(*)`` of paid invoices per poll. The CPU time of the
+   worker process trees (user + system, psutil) is read before and after; the sandbox's CPU
+   (a thread of this process) is reported on its own.
+
+Then exactly-once is checked against the sandbox's own list of charges (one SUCCESS per
+invoice, every invoice paid, one succeeded attempt each); any deviation exits non-zero.
+One JSON line is printed; ``ratio`` is charges/s over noop tasks/s (the target is >= 1.0).
+
+    .venv/bin/python bench/throughput.py [--n 2000] [--noop 5000] [--latency-ms 50]
+        [--workers 1] [--concurrency 2] [--batch 50] [--threads 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from celery import Celery
+from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy.engine import make_url
+
+# Run from a checkout without installing: the project root is the parent of bench/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from billing.clock import DatabaseClock
+from billing.config import reset_settings_cache
+from billing.crypto import TokenVault, new_key
+from billing.db import make_engine, normalize_url, session_factory
+from billing.dunning import STANDARD
+from billing.fatora.client import FatoraClient
+from billing.fatora.sandbox import Sandbox, ServerHandle, start_server_in_thread
+from billing.lifecycle import InvoiceStatus
+from billing.locks import PostgresAdvisoryLocker
+from billing.models import CardToken, ChargeAttempt, Invoice
+from billing.periods import Interval
+from billing.plans import PlansConfig, PlanSpec
+from billing.runtime import Runtime
+from billing.services.customers import TOKEN_LIFETIME
+from billing.services.plans_sync import sync_plans
+from schedules.renewal import run_renewal_pass
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_URL = os.environ.get(
+    "BILLING_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("BILLING_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+DATABASE = "billing_bench_tp"
+QUEUE = "charges"
+# The frozen test clock shared by the workers (through the database) and the sandbox.
+START = datetime(2027, 1, 31, 7, 0, tzinfo=UTC)
+POLL_S = 0.1
+RESULT_KEY_PREFIX = "celery-task-meta-"
+
+
+# -- database --------------------------------------------------------------------------------
+
+
+def recreate_database(admin_url: str, name: str) -> str:
+    """Drop and create ``name`` on the server of ``admin_url``; its URL."""
+    admin = make_url(normalize_url(admin_url))
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote_identifier(name)
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+            conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+    finally:
+        engine.dispose()
+    return admin.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    engine = create_engine(make_url(normalize_url(admin_url)), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote_identifier(name)
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+    finally:
+        engine.dispose()
+
+
+def bench_plans() -> PlansConfig:
+    monthly = PlanSpec(
+        code="bench-monthly",
+        name="Bench monthly",
+        amount=Decimal("50.00"),
+        currency="QAR",
+        interval=Interval.MONTH,
+        interval_count=1,
+        cron=None,
+        trial_days=0,
+        dunning=STANDARD.code,
+    )
+    return PlansConfig(plans={"bench-monthly": monthly}, dunning={STANDARD.code: STANDARD})
+
+
+def seed(rt: Runtime, sandbox: Sandbox, vault: TokenVault, n: int) -> None:
+    """``n`` customers, each with one ``success`` card and an active subscription due now.
+
+    Bulk SQL instead of the per-row services: the rows are the ones the services would write
+    (encrypted token, keyed fingerprint, lifetime from issue), without the per-row round trips.
+    """
+    with rt.sessions() as session, session.begin():
+        sync_plans(session, bench_plans(), START)
+    with rt.engine.begin() as conn:
+        customer_ids = list(
+            conn.execute(
+                text(
+                    "INSERT INTO customers (external_id, name, email, created_at) "
+                    "SELECT 'bench-' || g, 'Bench ' || g, 'bench' || g || '@example.com', :now "
+                    "FROM generate_series(1, :n) AS g ORDER BY g RETURNING id"
+                ),
+                {"n": n, "now": START},
+            ).scalars()
+        )
+        cards = []
+        for customer_id in customer_ids:
+            token = sandbox.issue_token("success", issued_at=START)
+            cards.append(
+                {
+                    "customer_id": customer_id,
+                    "ciphertext": vault.encrypt(token),
+                    "fingerprint": vault.fingerprint(token),
+                    "issued_at": START,
+                    "expires_at": START + TOKEN_LIFETIME,
+                    "status": "active",
+                    "created_at": START,
+                }
+            )
+        conn.execute(insert(CardToken), cards)
+        conn.execute(
+            text(
+                "INSERT INTO subscriptions (customer_id, plan_id, card_token_id, status, "
+                "anchor_at, next_billing_at, cancel_at_period_end, created_at, updated_at) "
+                "SELECT c.customer_id, p.id, c.id, 'active', :now, :now, false, :now, :now "
+                "FROM card_tokens AS c CROSS JOIN plans AS p WHERE p.code = 'bench-monthly' "
+                "ORDER BY c.id"
+            ),
+            {"now": START},
+        )
+
+
+def paid_count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(Invoice)
+                .where(Invoice.status == InvoiceStatus.PAID.value)
+            ).scalar_one()
+        )
+
+
+# -- workers ---------------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """Real ``celery worker`` processes, each the leader of its own process group."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: list[str] = []
+
+    def start(self, count: int, concurrency: int) -> None:
+        host = os.uname().nodename
+        for i in range(count):
+            name = f"tp{i + 1}@{host}"
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "workers.app",
+                        "worker",
+                        "-Q",
+                        QUEUE,
+                        "-c",
+                        str(concurrency),
+                        "-n",
+                        name,
+                        "--loglevel=WARNING",
+                        "--without-mingle",
+                        "--without-gossip",
+                    ],
+                    cwd=ROOT,
+                    env=self.env,
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            self.names.append(name)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every worker process: the main ones and their pool children."""
+        found: list[psutil.Process] = []
+        for proc in self.procs:
+            try:
+                main = psutil.Process(proc.pid)
+                found.append(main)
+                found.extend(main.children(recursive=True))
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def cpu_seconds(self) -> dict[int, float]:
+        """User + system CPU seconds of every worker process, by pid."""
+        times: dict[int, float] = {}
+        for proc in self.processes():
+            try:
+                cpu = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            times[proc.pid] = cpu.user + cpu.system
+        return times
+
+    def check_alive(self) -> None:
+        for name, proc in zip(self.names, self.procs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {name} exited with status {proc.returncode}")
+
+    def stop(self) -> None:
+        """SIGTERM every process group, then SIGKILL what is still there."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def wait_ready(client: Celery, pool: WorkerPool, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pool.check_alive()
+        replies = client.control.ping(destination=pool.names, timeout=1.0)
+        answered = {name for reply in replies or [] for name in reply}
+        if answered >= set(pool.names):
+            return
+    raise RuntimeError(f"workers not ready after {timeout_s:.0f} s")
+
+
+def set_consuming(client: Celery, pool: WorkerPool, on: bool) -> None:
+    """Add or cancel every worker's consumer of the charges queue, and wait for the answers."""
+    control = client.control.add_consumer if on else client.control.cancel_consumer
+    replies = control(QUEUE, destination=pool.names, reply=True, timeout=5.0)
+    answered = {name for reply in replies or [] for name in reply}
+    if answered != set(pool.names):
+        raise RuntimeError(f"consumer {'add' if on else 'cancel'} not acknowledged: {replies}")
+
+
+def drain(
+    client: Celery,
+    pool: WorkerPool,
+    done: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+) -> float:
+    """Let the workers consume the preloaded queue; seconds until ``done()`` is first seen."""
+    started = time.perf_counter()
+    set_consuming(client, pool, on=True)
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not done after {timeout_s:.0f} s")
+        pool.check_alive()
+        time.sleep(POLL_S)
+    return time.perf_counter() - started
+
+
+def send_tasks(client: Celery, name: str, args: Iterable[list[Any]]) -> list[str]:
+    ids: list[str] = []
+    for task_args in args:
+        task_id = str(uuid.uuid4())
+        client.send_task(name, args=task_args, queue=QUEUE, task_id=task_id)
+        ids.append(task_id)
+    return ids
+
+
+def results_done(store: redis.Redis[bytes], task_ids: list[str]) -> Callable[[], bool]:
+    """True once every task has a result record (one EXISTS over all keys per poll)."""
+    keys = [RESULT_KEY_PREFIX + task_id for task_id in task_ids]
+
+    def done() -> bool:
+        return int(store.exists(*keys)) == len(keys)
+
+    return done
+
+
+# -- measurement helpers ---------------------------------------------------------------------
+
+
+def thread_cpu_seconds(thread_name: str) -> float:
+    """CPU seconds of this process's thread called ``thread_name`` (0 if there is none)."""
+    native = {t.native_id for t in threading.enumerate() if t.name == thread_name}
+    return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in native)
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(after[pid] - before.get(pid, 0.0) for pid in after)
+
+
+def check_exactly_once(rt: Runtime, sandbox: Sandbox, invoice_ids: list[int]) -> None:
+    """One SUCCESS sandbox charge per invoice, every invoice paid, every charge on record."""
+    taken = [c for c in sandbox.charges() if c["status"] == "SUCCESS"]
+    per_invoice = Counter(str(c["order_id"]).split("-")[0] for c in taken)
+    expected = {f"INV{i}" for i in invoice_ids}
+    problems: list[str] = []
+    if set(per_invoice) != expected:
+        missing = len(expected - set(per_invoice))
+        extra = len(set(per_invoice) - expected)
+        problems.append(f"{missing} invoice(s) without a charge, {extra} unknown charged")
+    doubles = [k for k, v in per_invoice.items() if v > 1]
+    if doubles:
+        problems.append(f"{len(doubles)} invoice(s) charged more than once, e.g. {doubles[:5]}")
+    with rt.sessions() as session:
+        not_paid = session.execute(
+            select(func.count())
+            .select_from(Invoice)
+            .where(Invoice.status != InvoiceStatus.PAID.value)
+        ).scalar_one()
+        succeeded = set(
+            session.execute(
+                select(ChargeAttempt.order_id).where(ChargeAttempt.status == "succeeded")
+            ).scalars()
+        )
+    if not_paid:
+        problems.append(f"{not_paid} invoice(s) not paid")
+    if {str(c["order_id"]) for c in taken} != succeeded:
+        problems.append("the sandbox's charges and the succeeded attempts differ")
+    if problems:
+        raise SystemExit("EXACTLY-ONCE VIOLATED: " + "; ".join(problems))
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--n", type=int, default=2000, help="subscriptions / invoices")
+    parser.add_argument("--noop", type=int, default=5000, help="billing.noop tasks")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="sandbox answer delay")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--concurrency", type=int, default=2, help="prefork children each")
+    parser.add_argument("--batch", type=int, default=50, help="invoices per charge task")
+    parser.add_argument("--threads", type=int, default=16, help="gateway threads per task")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per phase")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    # The bench process sets the shared test clock, which test mode alone allows.
+    os.environ["BILLING_MODE"] = "test"
+    reset_settings_cache()
+    store = redis.Redis.from_url(REDIS_URL)
+    store.flushdb()
+    url = recreate_database(ADMIN_URL, DATABASE)
+    from billing.migrate import upgrade
+
+    upgrade(url)
+    engine = make_engine(url, pool_size=4)
+    key = new_key()
+    vault = TokenVault(key)
+    sandbox = Sandbox(now=lambda: START)
+    server: ServerHandle | None = None
+    pool: WorkerPool | None = None
+    client = Celery("bench-client", broker=REDIS_URL)
+    client.conf.task_serializer = "json"
+    try:
+        server = start_server_in_thread(sandbox, latency_ms=args.latency_ms)
+        base_url = server.url.rstrip("/") + "/v1"
+        rt = Runtime(
+            engine=engine,
+            sessions=session_factory(engine),
+            clock=DatabaseClock(engine),
+            gateway=FatoraClient(base_url, sandbox.api_key, mode="test", timeout_s=30),
+            locker=PostgresAdvisoryLocker(engine),
+            live_gateway=False,
+            unknown_grace=timedelta(minutes=5),
+        ).with_vault(vault)
+        DatabaseClock(engine).set(START)
+        seed(rt, sandbox, vault, args.n)
+        invoice_ids = sorted(run_renewal_pass(rt).invoice_ids)
+        if len(invoice_ids) != args.n:
+            raise RuntimeError(f"renewal made {len(invoice_ids)} invoices, expected {args.n}")
+        with engine.connect() as conn:
+            conn.execute(text("ANALYZE"))
+
+        env = {
+            **os.environ,
+            "BILLING_MODE": "test",
+            "BILLING_DATABASE_URL": url,
+            "BILLING_BROKER_URL": REDIS_URL,
+            "BILLING_TOKEN_KEY": key,
+            "BILLING_CHARGE_BATCH_SIZE": str(args.batch),
+            "BILLING_CHARGE_CONCURRENCY": str(args.threads),
+            "FATORA_BASE_URL": base_url,
+            "FATORA_MODE": "test",
+            "FATORA_API_KEY": sandbox.api_key,
+        }
+        pool = WorkerPool(env)
+        pool.start(args.workers, args.concurrency)
+        wait_ready(client, pool)
+
+        # Warm-up: every pool child imports the tasks and builds its runtime (empty batches
+        # touch neither the database nor the gateway).
+        set_consuming(client, pool, on=False)
+        warm = send_tasks(
+            client,
+            "billing.charge_invoices",
+            ([] for _ in range(4 * args.workers * args.concurrency)),
+        )
+        drain(client, pool, results_done(store, warm), args.timeout, "warm-up")
+
+        # Phase 1: the noop tasks. noop keeps its result (ignore_result=False), so each task
+        # ends with a result record written to Redis by the worker, as each charge task does;
+        # polling those records with one EXISTS every 0.1 s costs about what the paid-invoice
+        # COUNT of phase 2 costs, with the same granularity, and puts no load on the workers.
+        set_consuming(client, pool, on=False)
+        noop_ids = send_tasks(client, "billing.noop", ([] for _ in range(args.noop)))
+        noop_s = drain(client, pool, results_done(store, noop_ids), args.timeout, "noop")
+
+        # Phase 2: the charges.
+        set_consuming(client, pool, on=False)
+        batches = [invoice_ids[i : i + args.batch] for i in range(0, len(invoice_ids), args.batch)]
+        send_tasks(client, "billing.charge_invoices", ([b] for b in batches))
+        cpu_before = pool.cpu_seconds()
+        sandbox_before = thread_cpu_seconds("fatora-sandbox")
+        charge_s = drain(
+            client, pool, lambda: paid_count(engine) >= args.n, args.timeout, "charges"
+        )
+        cpu_after = pool.cpu_seconds()
+        sandbox_after = thread_cpu_seconds("fatora-sandbox")
+
+        check_exactly_once(rt, sandbox, invoice_ids)
+        charges_per_s = args.n / charge_s
+        noop_per_s = args.noop / noop_s
+        return {
+            "n": args.n,
+            "latency_ms": args.latency_ms,
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "batch": args.batch,
+            "threads": args.threads,
+            "charges_per_s": round(charges_per_s, 1),
+            "noop_tasks_per_s": round(noop_per_s, 1),
+            "ratio": round(charges_per_s / noop_per_s, 3),
+            "cpu_ms_per_charge": round(1000 * cpu_delta(cpu_before, cpu_after) / args.n, 3),
+            "sandbox_cpu_ms_per_charge": round(1000 * (sandbox_after - sandbox_before) / args.n, 3),
+            "charge_s": round(charge_s, 3),
+            "noop_s": round(noop_s, 3),
+            "exactly_once": True,
+        }
+    finally:
+        if pool is not None:
+            pool.stop()
+        if server is not None:
+            server.stop()
+        client.close()
+        engine.dispose()
+        store.flushdb()
+        store.close()
+        drop_database(ADMIN_URL, DATABASE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(run(parse_args(argv))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
