@@ -171,7 +171,7 @@ def test_token_dies_with_the_card(sandbox: Sandbox, clock: ManualClock) -> None:
     ("form", "message"),
     [
         (
-            {"card_number": "4111111111111112", "expiry": "12/28", "cvv": "123"},
+            {"card_number": "5555555555554440", "expiry": "12/28", "cvv": "123"},
             "Invalid card number",
         ),
         (
