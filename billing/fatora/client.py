@@ -1,8 +1,13 @@
 """The Fatora HTTP client: one method per gateway call, typed results, typed errors.
 
-Built on a synchronous ``httpx.Client``; httpx's connection pool is thread-safe and this class
-keeps no other mutable state, so one instance can serve a worker's thread pool. Tests swap the
-network for an ``httpx.MockTransport`` through the ``transport`` argument.
+Built on httpx's synchronous transport layer, one ``httpx.HTTPTransport`` per calling thread:
+each thread keeps its own kept-alive connection, so a worker's many call threads never queue on
+one shared connection pool (whose bookkeeping grows with the square of its connections), and a
+call pays for no client machinery it does not use (cookies, auth flows, redirects, which a payment
+API must not send anyway). Proxies come from the usual environment variables, as with
+``httpx.Client``. One instance serves a whole thread pool. Tests swap the network for an
+``httpx.MockTransport`` through the ``transport`` argument; an injected transport is shared by
+every thread.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,17 +135,33 @@ class FatoraClient:
         self._mode = mode
         self._api_key = api_key
         self._deactivate_path = deactivate_path
-        self._http = httpx.Client(
-            headers={
-                "api_key": api_key,
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-            },
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            transport=transport,
-            # A redirect from a payment API is unexpected; following it could resend a charge.
-            follow_redirects=False,
-        )
+        self._headers = {
+            "api_key": api_key,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "fatora-billing",
+        }
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s).as_dict()
+        self._urls: dict[str, httpx.URL] = {}
+        self._injected = transport
+        self._local = threading.local()
+        self._transports: list[httpx.BaseTransport] = []
+        self._transports_lock = threading.Lock()
+        self._closed = False
+
+    def _transport(self) -> httpx.BaseTransport:
+        """The calling thread's transport (or the injected one, shared)."""
+        if self._closed:
+            raise RuntimeError("the Fatora client has been closed")
+        if self._injected is not None:
+            return self._injected
+        transport: httpx.BaseTransport | None = getattr(self._local, "transport", None)
+        if transport is None:
+            transport = httpx.HTTPTransport(proxy=_environment_proxy(self._base_url))
+            self._local.transport = transport
+            with self._transports_lock:
+                self._transports.append(transport)
+        return transport
 
     @classmethod
     def from_settings(
@@ -168,7 +191,13 @@ class FatoraClient:
         return f"FatoraClient(base_url={str(self._base_url)!r}, mode={self._mode!r})"
 
     def close(self) -> None:
-        self._http.close()
+        self._closed = True
+        with self._transports_lock:
+            transports, self._transports = self._transports, []
+        for transport in transports:
+            transport.close()
+        if self._injected is not None:
+            self._injected.close()
 
     def __enter__(self) -> Self:
         return self
@@ -285,9 +314,14 @@ class FatoraClient:
     # ------------------------------------------------------------ plumbing
 
     def _url(self, path: str) -> httpx.URL:
-        if path.startswith(("http://", "https://")):
-            return httpx.URL(path)
-        return self._base_url.copy_with(path=self._base_url.path.rstrip("/") + path)
+        url = self._urls.get(path)
+        if url is None:
+            if path.startswith(("http://", "https://")):
+                url = httpx.URL(path)
+            else:
+                url = self._base_url.copy_with(path=self._base_url.path.rstrip("/") + path)
+            self._urls[path] = url
+        return url
 
     def _refund_fallback_url(self) -> str:
         # "https://api.fatora.io/v1" -> "https://api.fatora.io/api/v1/payments/refund"; a base
@@ -303,8 +337,15 @@ class FatoraClient:
         body = encode_body(fields)
         started = time.perf_counter()
         outcome: str = "error"
+        request = httpx.Request(
+            "POST", url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
+        )
         try:
-            response = self._http.post(url, content=body)
+            response = self._transport().handle_request(request)
+            try:
+                response.read()
+            finally:
+                response.close()
             outcome = str(response.status_code)
             return response
         except httpx.TimeoutException as exc:
@@ -381,3 +422,12 @@ class FatoraClient:
                     setattr(err, attr, text)
             err.args = (err.description,)
             raise
+
+
+def _environment_proxy(url: httpx.URL) -> str | None:
+    """The proxy the environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY) sets for ``url``."""
+    host = url.host
+    if host and urllib.request.proxy_bypass(host):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(url.scheme) or proxies.get("all")

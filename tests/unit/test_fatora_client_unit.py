@@ -547,3 +547,27 @@ def test_usable_from_a_thread_pool(make: Make) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(client.verify, orders))
     assert [p.order_id for p in results] == orders
+
+
+def test_proxies_come_from_the_environment_as_with_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merchants behind an egress proxy set HTTPS_PROXY; NO_PROXY exempts hosts from it."""
+    from billing.fatora.client import _environment_proxy
+
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    url = httpx.URL("https://api.fatora.io/v1")
+    assert _environment_proxy(url) is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert _environment_proxy(url) == "http://proxy.internal:3128"
+    assert _environment_proxy(httpx.URL("http://sandbox.local/v1")) is None
+    monkeypatch.setenv("NO_PROXY", "fatora.io")
+    assert _environment_proxy(url) is None
