@@ -49,9 +49,9 @@ class BillingSettings(BaseSettings):
     database_url: str = "sqlite:///billing.sqlite3"
     broker_url: str = "redis://localhost:6379/0"
     token_key: SecretStr | None = None
-    # A charge task processes at most this many invoices, concurrently.
-    charge_batch_size: int = Field(default=50, ge=1, le=1000)
-    charge_concurrency: int = Field(default=16, ge=1, le=256)
+    # A charge task processes at most this many invoices, this many gateway calls at a time.
+    charge_batch_size: int = Field(default=100, ge=1, le=1000)
+    charge_concurrency: int = Field(default=25, ge=1, le=256)
     # A scheduler pass claims at most this many due subscriptions per transaction.
     renewal_batch_size: int = Field(default=500, ge=1, le=100_000)
     # A verify 'not found' after a collect that got no answer is trusted only after this long.

@@ -8,6 +8,7 @@ transport or a fixed clock.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -37,16 +38,29 @@ class Runtime:
     live_gateway: bool
     # A 'not found' after a call that got no answer is trusted only after this much real time.
     unknown_grace: timedelta = timedelta(minutes=5)
-    charge_concurrency: int = 16
-    charge_batch_size: int = 50
+    charge_concurrency: int = 25
+    charge_batch_size: int = 100
     renewal_batch_size: int = 500
     _vault: TokenVault | None = field(default=None, repr=False)
+    _calls: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _calls_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def vault(self) -> TokenVault:
         if self._vault is None:
             self._vault = vault_from_settings()
         return self._vault
+
+    @property
+    def gateway_calls(self) -> ThreadPoolExecutor:
+        """The threads that make gateway calls, ``charge_concurrency`` of them, shared by every
+        collection in this process (built on first use, so after a worker's fork)."""
+        with self._calls_lock:
+            if self._calls is None:
+                self._calls = ThreadPoolExecutor(
+                    max_workers=self.charge_concurrency, thread_name_prefix="fatora-call"
+                )
+            return self._calls
 
     def with_vault(self, vault: TokenVault) -> Runtime:
         self._vault = vault

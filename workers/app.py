@@ -15,8 +15,9 @@ from kombu.entity import Queue
 from billing.config import get_settings
 from schedules.beat import BEAT_SCHEDULE
 
-# Longer than the slowest charge task: a batch of 50 invoices at 16 at a time, each with a
-# collect and a verify of up to 30 s, takes at most about 4 x 60 s.
+# Longer than the slowest charge task: a batch of 100 invoices at 25 at a time, each with a
+# collect and a verify of up to 30 s, takes at most about 4 x 60 s (plus the verifies of any
+# attempts left unresolved, as many again).
 VISIBILITY_TIMEOUT_S = 2 * 60 * 60
 
 

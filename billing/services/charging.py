@@ -8,21 +8,25 @@ This is where a charge happens. For each invoice of a batch, under the invoice l
 3. call collect-payment, then verify, and check order id, amount, currency and mode;
 4. record the result and move the invoice and the subscription (paid/active, or a dunning step).
 
-Gateway calls of a batch run concurrently on a thread pool; the database work stays on the
-calling thread, in short transactions. If the process dies anywhere, the attempt rows that were
-committed are settled by the next run (a redelivered task, a retry sweep or the janitor), which
-verifies before it may charge again.
+Gateway calls of a batch run concurrently on the runtime's call threads; the database work stays
+on the calling thread, in short transactions that load a batch's rows with one query per table.
+Results are recorded as they come in, so the database work of the first answers overlaps the
+calls still under way. If the process dies anywhere, the attempt rows that were committed are
+settled by the next run (a redelivered task, a retry sweep or the janitor), which verifies before
+it may charge again.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -48,7 +52,7 @@ from billing.fatora.errors import (
 from billing.fatora.retry import retry_decision
 from billing.fatora.types import DeclineKind, Payment, PaymentStatus
 from billing.lifecycle import InvoiceStatus
-from billing.models import CardStatus, CardToken, ChargeAttempt, Invoice
+from billing.models import Base, CardStatus, CardToken, ChargeAttempt, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
 from billing.services import control, dunning_flow
@@ -58,6 +62,8 @@ log = logging.getLogger("billing.charging")
 
 # While a call is under way the invoice is not offered to the retry sweep.
 IN_FLIGHT_LEASE = timedelta(minutes=15)
+# An outcome waits at most this long (in seconds) for others to be recorded with it.
+RECORD_WITHIN_S = 0.5
 # When fast retries of transient faults are used up, try again after this long.
 SLOW_RETRY = timedelta(hours=1)
 
@@ -129,39 +135,68 @@ def collect_invoices(
             report.note(skipped, "busy")  # another worker holds it: that worker finishes it
         if not locked:
             return report
-        with ThreadPoolExecutor(max_workers=rt.charge_concurrency) as pool:
-            _settle_unresolved(rt, pool, locked, report)
-            if not settle_only:
-                calls = _start_attempts(rt, locked, report)
-                if calls:
-                    outcomes = list(pool.map(lambda c: _charge(rt, c), calls))
-                    _record(rt, list(zip(calls, outcomes, strict=True)), report)
+        pool = rt.gateway_calls
+        unresolved = _unresolved_calls(rt, locked)
+        if unresolved:
+            now_wall = datetime.now(UTC)
+            _exchange(rt, pool, unresolved, lambda c: _verify(rt, c, now_wall), report)
+        if not settle_only:
+            calls = _start_attempts(rt, locked, report)
+            if calls:
+                _exchange(rt, pool, calls, lambda c: _charge(rt, c), report)
     return report
+
+
+def _exchange(
+    rt: Runtime,
+    pool: ThreadPoolExecutor,
+    calls: list[_Call],
+    exchange: Callable[[_Call], Outcome],
+    report: CollectionReport,
+) -> None:
+    """Run ``exchange`` for every call on the pool and record the outcomes as they arrive.
+
+    Outcomes are recorded in chunks of about a round of calls (``charge_concurrency``), or
+    sooner when the first of them has waited ``RECORD_WITHIN``: the first answers are written
+    while later calls are still under way, in few transactions. The invoice locks are held by
+    the caller until every call has ended, even if recording fails.
+    """
+    pending: dict[Future[Outcome], _Call] = {pool.submit(exchange, call): call for call in calls}
+    chunk = max(1, rt.charge_concurrency)
+    ready: list[tuple[_Call, Outcome]] = []
+    first_ready_at = 0.0
+    try:
+        while pending:
+            done, _ = wait(pending, timeout=RECORD_WITHIN_S, return_when=FIRST_COMPLETED)
+            if done and not ready:
+                first_ready_at = time.monotonic()
+            ready.extend((pending.pop(future), future.result()) for future in done)
+            overdue = ready and time.monotonic() - first_ready_at >= RECORD_WITHIN_S
+            if ready and (len(ready) >= chunk or not pending or overdue):
+                _record(rt, ready, report)
+                ready = []
+    finally:
+        # Only reached with calls left if recording failed. Calls not begun are dropped (their
+        # attempts stay in flight and are settled by verify later); calls under way are waited
+        # for, so that no invoice lock is let go in the middle of a call.
+        for future in pending:
+            future.cancel()
+        wait(pending)
 
 
 # -- 1. settle what is unknown ---------------------------------------------------------------
 
 
-def _settle_unresolved(
-    rt: Runtime, pool: ThreadPoolExecutor, invoice_ids: list[int], report: CollectionReport
-) -> None:
+def _unresolved_calls(rt: Runtime, invoice_ids: list[int]) -> list[_Call]:
+    """The attempts of these invoices whose outcome is not known yet, to verify first."""
     with rt.sessions() as session:
-        attempts = (
-            session.execute(
-                select(ChargeAttempt).where(
-                    ChargeAttempt.invoice_id.in_(invoice_ids),
-                    ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
-                )
+        attempts = session.execute(
+            select(ChargeAttempt).where(
+                ChargeAttempt.invoice_id.in_(invoice_ids),
+                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
             )
-            .scalars()
-            .all()
-        )
-        calls = [_call_of(a) for a in attempts]
-    if not calls:
-        return
-    now_wall = datetime.now(UTC)
-    outcomes = list(pool.map(lambda c: _verify(rt, c, now_wall), calls))
-    _record(rt, list(zip(calls, outcomes, strict=True)), report)
+        ).scalars()
+        return [_call_of(a) for a in attempts]
 
 
 def _call_of(attempt: ChargeAttempt, ciphertext: bytes | None = None) -> _Call:
@@ -231,7 +266,7 @@ def _judge(rt: Runtime, call: _Call, payment: Payment, ending: CallEnding | None
 
 def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionReport) -> list[_Call]:
     """Write one new attempt per collectable invoice and commit, before any gateway call."""
-    calls: list[_Call] = []
+    started: list[tuple[ChargeAttempt, CardToken]] = []
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
         paused = control.collection_paused(session)
@@ -244,46 +279,60 @@ def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionRepor
                 )
             ).scalars()
         )
-        invoices = session.execute(
-            select(Invoice).where(Invoice.id.in_(invoice_ids)).order_by(Invoice.id)
-        ).scalars()
-        for invoice in invoices:
-            if invoice.id in blocked:
-                continue  # its result (unknown, pending) was noted while settling
-            verdict = _collectable(invoice, now)
-            if verdict is None and dunning_flow.subscription_ended(session, invoice, now):
-                verdict = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
-            if verdict is not None:
-                report.note(invoice.id, verdict)
-                continue
-            if paused:
-                report.note(invoice.id, "collection_paused")
-                continue
-            card = dunning_flow.usable_card(session, invoice, now)
-            if card is None:
-                dunning_flow.no_usable_card(session, invoice, now)
-                report.note(invoice.id, "no_card")
-                continue
-            wall = datetime.now(UTC)
-            attempt = ChargeAttempt(
-                invoice_id=invoice.id,
-                card_token_id=card.id,
-                order_id=new_order_id(invoice.id),
-                amount_minor=invoice.amount_minor,
-                currency=invoice.currency,
-                status=AttemptStatus.IN_FLIGHT.value,
-                next_verify_at=now + next_verify_delay(0),
-                created_at=now,
-                created_wall_at=wall,
-                updated_at=now,
-            )
-            session.add(attempt)
-            invoice.attempt_count += 1
-            invoice.next_attempt_at = now + IN_FLIGHT_LEASE
-            invoice.updated_at = now
-            session.flush()
-            calls.append(_call_of(attempt, ciphertext=card.ciphertext))
+        invoices = _load(session, Invoice, invoice_ids)
+        subs = _load(session, Subscription, (i.subscription_id for i in invoices.values()))
+        cards = dunning_flow.customer_cards(session, (s.customer_id for s in subs.values()))
+        with session.no_autoflush:
+            for invoice in sorted(invoices.values(), key=lambda i: i.id):
+                if invoice.id in blocked:
+                    continue  # its result (unknown, pending) was noted while settling
+                verdict = _collectable(invoice, now)
+                if verdict is None and dunning_flow.subscription_ended(session, invoice, now):
+                    verdict = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
+                if verdict is not None:
+                    report.note(invoice.id, verdict)
+                    continue
+                if paused:
+                    report.note(invoice.id, "collection_paused")
+                    continue
+                customer_id = subs[invoice.subscription_id].customer_id
+                card = dunning_flow.usable_card(session, invoice, now, cards[customer_id])
+                if card is None:
+                    dunning_flow.no_usable_card(session, invoice, now)
+                    report.note(invoice.id, "no_card")
+                    continue
+                attempt = ChargeAttempt(
+                    invoice_id=invoice.id,
+                    card_token_id=card.id,
+                    order_id=new_order_id(invoice.id),
+                    amount_minor=invoice.amount_minor,
+                    currency=invoice.currency,
+                    status=AttemptStatus.IN_FLIGHT.value,
+                    next_verify_at=now + next_verify_delay(0),
+                    created_at=now,
+                    created_wall_at=datetime.now(UTC),
+                    updated_at=now,
+                )
+                session.add(attempt)
+                invoice.attempt_count += 1
+                invoice.next_attempt_at = now + IN_FLIGHT_LEASE
+                invoice.updated_at = now
+                started.append((attempt, card))
+        session.flush()  # one multi-row INSERT for the attempts: their ids, before the commit
+        calls = [_call_of(attempt, ciphertext=card.ciphertext) for attempt, card in started]
     return calls
+
+
+_Row = TypeVar("_Row", bound=Base)
+
+
+def _load(session: Session, model: type[_Row], ids: Iterable[int]) -> dict[int, _Row]:
+    """Rows of ``model`` by id, in one query; they stay in the session for ``session.get``."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = session.execute(select(model).where(model.id.in_(wanted))).scalars()  # type: ignore[attr-defined]
+    return {row.id: row for row in rows}  # type: ignore[attr-defined]
 
 
 def _collectable(invoice: Invoice, now: datetime) -> str | None:
@@ -406,12 +455,18 @@ def _record(
 ) -> None:
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
-        for call, outcome in results:
-            attempt = session.get(ChargeAttempt, call.attempt_id)
-            invoice = session.get(Invoice, call.invoice_id)
-            assert attempt is not None and invoice is not None
-            _write_attempt(attempt, outcome, now)
-            report.note(invoice.id, _move_invoice(session, invoice, attempt, outcome, now, report))
+        attempts = _load(session, ChargeAttempt, (call.attempt_id for call, _ in results))
+        invoices = _load(session, Invoice, (call.invoice_id for call, _ in results))
+        # Held here so that the session's (weak) identity map keeps them for session.get.
+        subs = _load(session, Subscription, (i.subscription_id for i in invoices.values()))
+        with session.no_autoflush:
+            for call, outcome in results:
+                attempt = attempts[call.attempt_id]
+                invoice = invoices[call.invoice_id]
+                _write_attempt(attempt, outcome, now)
+                word = _move_invoice(session, invoice, attempt, outcome, now, report)
+                report.note(invoice.id, word)
+        del subs
 
 
 def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> None:

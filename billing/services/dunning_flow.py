@@ -6,6 +6,7 @@ this module applies it to the rows.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import select
@@ -32,27 +33,47 @@ from billing.models import (
 from billing.services.events import record_event
 
 
-def usable_card(session: Session, invoice: Invoice, now: datetime) -> CardToken | None:
-    """The card to charge: the subscription's own if alive, else the customer's newest live one."""
+def pick_card(sub: Subscription, cards: Iterable[CardToken], now: datetime) -> CardToken | None:
+    """The card to charge: the subscription's own if alive, else the customer's newest live one.
+
+    ``cards`` are the customer's cards (any status); the choice is made here and only here.
+    """
+    live = [card for card in cards if _alive(card, now)]
+    for card in live:
+        if card.id == sub.card_token_id:
+            return card
+    if not live:
+        return None
+    return max(live, key=lambda card: (card.issued_at, card.id))
+
+
+def customer_cards(session: Session, customer_ids: Iterable[int]) -> dict[int, list[CardToken]]:
+    """Every card of the given customers, by customer id, in one query."""
+    ids = sorted(set(customer_ids))
+    found: dict[int, list[CardToken]] = {customer_id: [] for customer_id in ids}
+    if ids:
+        rows = session.execute(select(CardToken).where(CardToken.customer_id.in_(ids))).scalars()
+        for card in rows:
+            found[card.customer_id].append(card)
+    return found
+
+
+def usable_card(
+    session: Session,
+    invoice: Invoice,
+    now: datetime,
+    cards: Iterable[CardToken] | None = None,
+) -> CardToken | None:
+    """The card to charge for ``invoice`` (see ``pick_card``); a fallback card becomes the
+    subscription's card. ``cards``, when given, are the customer's cards already loaded."""
     sub = session.get(Subscription, invoice.subscription_id)
     assert sub is not None
-    if sub.card_token_id is not None:
-        card = session.get(CardToken, sub.card_token_id)
-        if card is not None and _alive(card, now):
-            return card
-    others = session.execute(
-        select(CardToken)
-        .where(
-            CardToken.customer_id == sub.customer_id,
-            CardToken.status == CardStatus.ACTIVE.value,
-            CardToken.expires_at > now,
-        )
-        .order_by(CardToken.issued_at.desc())
-    ).scalars()
-    for card in others:
+    if cards is None:
+        cards = customer_cards(session, [sub.customer_id])[sub.customer_id]
+    card = pick_card(sub, cards, now)
+    if card is not None and card.id != sub.card_token_id:
         sub.card_token_id = card.id
-        return card
-    return None
+    return card
 
 
 def subscription_ended(session: Session, invoice: Invoice, now: datetime) -> bool:

@@ -1,0 +1,142 @@
+"""How a batch's gateway calls and its records interleave, on real PostgreSQL and the sandbox.
+
+Collection records outcomes while later calls are still under way. These tests pin down what
+that must never cost: a failure while recording lets no call outlive its invoice lock and loses
+no charge, and one slow call does not hold back the record of the others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from billing.clock import FixedClock
+from billing.crypto import TokenVault
+from billing.fatora.client import FatoraClient
+from billing.fatora.sandbox import Sandbox, SandboxTransport
+from billing.lifecycle import InvoiceStatus
+from billing.runtime import Runtime
+from billing.services import charging
+from billing.services.charging import collect_invoices
+from tests.factories import invoice_of, renew, seed_plans, subscriber, successful_charges
+from tests.integration.conftest import make_runtime
+
+
+class SlowTransport(SandboxTransport):
+    """The sandbox, answering every call after ``latency_ms`` and calls whose body names
+    ``slow_marker`` after ``slow_s`` more."""
+
+    def __init__(
+        self, sandbox: Sandbox, latency_ms: float, slow_marker: bytes = b"", slow_s: float = 0.0
+    ) -> None:
+        super().__init__(sandbox, latency_ms=latency_ms)
+        self.slow_marker = slow_marker
+        self.slow_s = slow_s
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.slow_marker and self.slow_marker in request.read():
+            time.sleep(self.slow_s)
+        return super().handle_request(request)
+
+
+def _runtime(
+    engine: Engine,
+    sandbox: Sandbox,
+    clock: FixedClock,
+    vault: TokenVault,
+    transport: httpx.BaseTransport,
+    concurrency: int,
+) -> Runtime:
+    rt = make_runtime(engine, sandbox, clock, vault)
+    rt.gateway = FatoraClient(
+        "http://sandbox.test/v1", sandbox.api_key, mode="test", timeout_s=5, transport=transport
+    )
+    rt.charge_concurrency = concurrency
+    return rt
+
+
+@pytest.fixture()
+def due(
+    clean_db: Engine, sandbox: Sandbox, clock: FixedClock, vault: TokenVault
+) -> Iterator[tuple[Engine, list[int]]]:
+    """Twelve open invoices, each with a card that pays."""
+    rt = make_runtime(clean_db, sandbox, clock, vault)
+    seed_plans(rt)
+    for i in range(12):
+        subscriber(rt, sandbox, ["success"], name=f"c{i}")
+    yield clean_db, renew(rt)
+
+
+def test_a_failure_while_recording_leaves_no_call_running_and_loses_no_charge(
+    due: tuple[Engine, list[int]],
+    sandbox: Sandbox,
+    clock: FixedClock,
+    vault: TokenVault,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never lose the record of a charge; never charge twice. The database fails when the first
+    answers are to be recorded: collection stops only after every call already under way has
+    ended (no invoice lock is let go mid-call), calls not begun are dropped, and later runs
+    recover every charge the gateway took from verify, charging each invoice exactly once."""
+    engine, invoice_ids = due
+    rt = _runtime(engine, sandbox, clock, vault, SlowTransport(sandbox, latency_ms=150), 4)
+    recorded: list[int] = []
+
+    def database_gone(rt: Runtime, results: list[object], report: object) -> None:
+        recorded.append(len(results))
+        raise RuntimeError("the database went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(charging, "_record", database_gone)
+        with pytest.raises(RuntimeError, match="went away"):
+            collect_invoices(rt, invoice_ids)
+        taken = {str(c["order_id"]) for c in sandbox.charges()}
+        time.sleep(0.3)
+        # Nothing was still on its way to the gateway when the invoices were let go.
+        assert {str(c["order_id"]) for c in sandbox.charges()} == taken
+    assert len(recorded) == 1 and recorded[0] >= 4
+    # The calls under way ran to their end; the last round never began.
+    assert recorded[0] <= len(taken) < len(invoice_ids)
+
+    rt.unknown_grace = timedelta(0)  # let 'not found' mean 'never charged' for the dropped ones
+    for _ in range(3):
+        collect_invoices(rt, invoice_ids)
+    for invoice_id in invoice_ids:
+        assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
+        assert len(successful_charges(sandbox, invoice_id)) == 1
+    # The charges made before the failure were recovered, not made again.
+    assert taken <= {str(c["order_id"]) for c in sandbox.charges() if c["status"] == "SUCCESS"}
+
+
+def test_one_slow_call_does_not_hold_back_the_record_of_the_others(
+    due: tuple[Engine, list[int]], sandbox: Sandbox, clock: FixedClock, vault: TokenVault
+) -> None:
+    """The sooner a taken charge is on record, the less a crash can leave unknown: answers are
+    recorded while a slow call of the same batch is still waiting for the gateway."""
+    engine, invoice_ids = due
+    slow = invoice_ids[0]
+    transport = SlowTransport(sandbox, 10, slow_marker=f"INV{slow}-".encode(), slow_s=2.5)
+    rt = _runtime(engine, sandbox, clock, vault, transport, len(invoice_ids))
+    worker = threading.Thread(target=collect_invoices, args=(rt, invoice_ids))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        others_paid = False
+        while time.monotonic() < deadline and not others_paid:
+            others_paid = all(
+                invoice_of(rt, i).status == InvoiceStatus.PAID.value for i in invoice_ids[1:]
+            )
+            time.sleep(0.05)
+        assert others_paid
+        assert invoice_of(rt, slow).status == InvoiceStatus.OPEN.value  # its call still waits
+    finally:
+        worker.join(10)
+    assert invoice_of(rt, slow).status == InvoiceStatus.PAID.value
+    for invoice_id in invoice_ids:
+        assert len(successful_charges(sandbox, invoice_id)) == 1
