@@ -6,7 +6,10 @@ Everything runs for real on this machine: ``celery -A workers.app worker`` proce
 sandbox served over HTTP by uvicorn in this process, answering every request after
 ``--latency-ms``.
 
-Two phases run on the same warm workers, measured the same way: with the workers' consumers of
+The workers are warmed first: each pool child charges two small batches of invoices of their own
+(so connections are open and statements compiled, as in a long-running worker); those are not
+measured. Two phases then alternate for ``--rounds`` rounds on the same warm workers, each
+round with its share of the work, measured the same way: with the workers' consumers of
 the ``charges`` queue cancelled, the whole load is queued; the clock starts when the consumers
 are added back and stops at the first 0.1 s poll that sees all of the work done (the time to
 drain a preloaded queue, without the client's enqueueing speed in it).
@@ -19,12 +22,12 @@ drain a preloaded queue, without the client's enqueueing speed in it).
    worker process trees (user + system, psutil) is read before and after; the sandbox's CPU
    (a thread of this process) is reported on its own.
 
-Then exactly-once is checked against the sandbox's own list of charges (one SUCCESS per
-invoice, every invoice paid, one succeeded attempt each); any deviation exits non-zero.
+Then exactly-once is checked against the sandbox's own list of charges, warm-up included (one
+SUCCESS per invoice, every invoice paid, one succeeded attempt each); any deviation exits non-zero.
 One JSON line is printed; ``ratio`` is charges/s over noop tasks/s (the target is >= 1.0).
 
     .venv/bin/python bench/throughput.py [--n 2000] [--noop 5000] [--latency-ms 50]
-        [--workers 1] [--concurrency 2] [--batch 50] [--threads 16]
+        [--workers 1] [--concurrency 2] [--batch 100] [--threads 25] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -338,8 +341,23 @@ def thread_cpu_seconds(thread_name: str) -> float:
     return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in native)
 
 
+def postgres_cpu_seconds() -> float:
+    """User + system CPU seconds of this machine's PostgreSQL server processes (0 if remote)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info.get("cpu_times")
+        if proc.info.get("name") in ("postgres", "postmaster") and times is not None:
+            total += times.user + times.system
+    return total
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(after[pid] - before.get(pid, 0.0) for pid in after)
+
+
+def share(total: int, parts: int, index: int) -> int:
+    """The ``index``-th of ``parts`` near-equal shares of ``total`` (they add up to it)."""
+    return total // parts + (1 if index < total % parts else 0)
 
 
 def check_exactly_once(rt: Runtime, sandbox: Sandbox, invoice_ids: list[int]) -> None:
@@ -384,8 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="sandbox answer delay")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=2, help="prefork children each")
-    parser.add_argument("--batch", type=int, default=50, help="invoices per charge task")
-    parser.add_argument("--threads", type=int, default=16, help="gateway threads per task")
+    parser.add_argument("--batch", type=int, default=100, help="invoices per charge task")
+    parser.add_argument("--threads", type=int, default=25, help="gateway threads per task")
+    parser.add_argument("--rounds", type=int, default=3, help="noop/charge phase pairs")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per phase")
     return parser.parse_args(argv)
 
@@ -421,10 +440,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             unknown_grace=timedelta(minutes=5),
         ).with_vault(vault)
         DatabaseClock(engine).set(START)
-        seed(rt, sandbox, vault, args.n)
+        # Each pool child gets two warm-up tasks of ten invoices, billed before the measurement.
+        slots = 2 * args.workers * args.concurrency
+        warm = 10 * slots
+        seed(rt, sandbox, vault, warm + args.n)
         invoice_ids = sorted(run_renewal_pass(rt).invoice_ids)
-        if len(invoice_ids) != args.n:
-            raise RuntimeError(f"renewal made {len(invoice_ids)} invoices, expected {args.n}")
+        if len(invoice_ids) != warm + args.n:
+            raise RuntimeError(f"renewal made {len(invoice_ids)} invoices, not {warm + args.n}")
+        all_ids = invoice_ids
         with engine.connect() as conn:
             conn.execute(text("ANALYZE"))
 
@@ -444,37 +467,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool.start(args.workers, args.concurrency)
         wait_ready(client, pool)
 
-        # Warm-up: every pool child imports the tasks and builds its runtime (empty batches
-        # touch neither the database nor the gateway).
+        # Warm-up: every pool child imports the tasks, builds its runtime and charges a few
+        # invoices of its own (database connections, compiled statements and gateway
+        # connections made), as a long-running worker would have done before any measurement.
+        warm_ids, invoice_ids = invoice_ids[:warm], invoice_ids[warm:]
         set_consuming(client, pool, on=False)
-        warm = send_tasks(
+        send_tasks(
             client,
             "billing.charge_invoices",
-            ([] for _ in range(4 * args.workers * args.concurrency)),
+            ([warm_ids[i::slots]] for i in range(slots)),
         )
-        drain(client, pool, results_done(store, warm), args.timeout, "warm-up")
+        drain(client, pool, lambda: paid_count(engine) >= warm, args.timeout, "warm-up")
 
-        # Phase 1: the noop tasks. noop keeps its result (ignore_result=False), so each task
-        # ends with a result record written to Redis by the worker, as each charge task does;
-        # polling those records with one EXISTS every 0.1 s costs about what the paid-invoice
-        # COUNT of phase 2 costs, with the same granularity, and puts no load on the workers.
-        set_consuming(client, pool, on=False)
-        noop_ids = send_tasks(client, "billing.noop", ([] for _ in range(args.noop)))
-        noop_s = drain(client, pool, results_done(store, noop_ids), args.timeout, "noop")
+        # The two phases alternate for --rounds rounds, each round with its share of the noop
+        # tasks and of the invoices, so that a slow spell of the machine weighs on both alike.
+        noop_s = charge_s = cpu_s = sandbox_s = postgres_s = 0.0
+        round_ratios: list[float] = []
+        billed = warm
+        for r in range(args.rounds):
+            # Phase 1: the noop tasks. noop keeps its result (ignore_result=False), so each
+            # task ends with a result record written to Redis by the worker, as each charge
+            # task does; polling those records with one EXISTS every 0.1 s costs about what the
+            # paid-invoice COUNT of phase 2 costs, with the same granularity, and puts no load
+            # on the workers.
+            noops = share(args.noop, args.rounds, r)
+            set_consuming(client, pool, on=False)
+            noop_ids = send_tasks(client, "billing.noop", ([] for _ in range(noops)))
+            round_noop_s = drain(client, pool, results_done(store, noop_ids), args.timeout, "noop")
 
-        # Phase 2: the charges.
-        set_consuming(client, pool, on=False)
-        batches = [invoice_ids[i : i + args.batch] for i in range(0, len(invoice_ids), args.batch)]
-        send_tasks(client, "billing.charge_invoices", ([b] for b in batches))
-        cpu_before = pool.cpu_seconds()
-        sandbox_before = thread_cpu_seconds("fatora-sandbox")
-        charge_s = drain(
-            client, pool, lambda: paid_count(engine) >= args.n, args.timeout, "charges"
-        )
-        cpu_after = pool.cpu_seconds()
-        sandbox_after = thread_cpu_seconds("fatora-sandbox")
+            # Phase 2: the charges.
+            mine = invoice_ids[billed - warm : billed - warm + share(args.n, args.rounds, r)]
+            billed += len(mine)
+            set_consuming(client, pool, on=False)
+            batches = [mine[i : i + args.batch] for i in range(0, len(mine), args.batch)]
+            send_tasks(client, "billing.charge_invoices", ([b] for b in batches))
+            cpu_before = pool.cpu_seconds()
+            sandbox_before = thread_cpu_seconds("fatora-sandbox")
+            postgres_before = postgres_cpu_seconds()
+            round_charge_s = drain(
+                client,
+                pool,
+                lambda target=billed: paid_count(engine) >= target,
+                args.timeout,
+                "charges",
+            )
+            cpu_s += cpu_delta(cpu_before, pool.cpu_seconds())
+            sandbox_s += thread_cpu_seconds("fatora-sandbox") - sandbox_before
+            postgres_s += postgres_cpu_seconds() - postgres_before
+            noop_s += round_noop_s
+            charge_s += round_charge_s
+            round_ratios.append(round((len(mine) / round_charge_s) / (noops / round_noop_s), 3))
 
-        check_exactly_once(rt, sandbox, invoice_ids)
+        check_exactly_once(rt, sandbox, all_ids)
         charges_per_s = args.n / charge_s
         noop_per_s = args.noop / noop_s
         return {
@@ -484,11 +528,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "batch": args.batch,
             "threads": args.threads,
+            "rounds": args.rounds,
             "charges_per_s": round(charges_per_s, 1),
             "noop_tasks_per_s": round(noop_per_s, 1),
             "ratio": round(charges_per_s / noop_per_s, 3),
-            "cpu_ms_per_charge": round(1000 * cpu_delta(cpu_before, cpu_after) / args.n, 3),
-            "sandbox_cpu_ms_per_charge": round(1000 * (sandbox_after - sandbox_before) / args.n, 3),
+            "round_ratios": round_ratios,
+            "cpu_ms_per_charge": round(1000 * cpu_s / args.n, 3),
+            "sandbox_cpu_ms_per_charge": round(1000 * sandbox_s / args.n, 3),
+            "postgres_cpu_ms_per_charge": round(1000 * postgres_s / args.n, 3),
             "charge_s": round(charge_s, 3),
             "noop_s": round(noop_s, 3),
             "exactly_once": True,
