@@ -521,7 +521,8 @@ def collection_status(as_json: JsonOpt = False) -> None:
 @app.command("tick")
 def tick(
     now: Annotated[
-        str | None, typer.Option("--now", help="Test mode: run as of this time.")
+        str | None,
+        typer.Option("--now", help="Test mode: set the test clock to this time, then run."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the charges to settle.")] = False,
     timeout: Annotated[float, typer.Option("--timeout")] = 300.0,

@@ -1,7 +1,8 @@
 """One scheduler pass and one reconciliation pass, as the command line runs them.
 
 ``tick`` renews what is due and queues the charges (plus due retries) exactly as beat's tasks
-do; with ``wait`` it follows the queued charge tasks until each has settled: paid, declined and
+do; with ``now`` (test mode only) it first sets the test clock to that moment, so that the
+workers charging what it queues see the same time; with ``wait`` it follows the queued charge tasks until each has settled: paid, declined and
 scheduled for retry, or left unknown for the janitor.
 """
 
@@ -12,7 +13,7 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
-from billing.clock import TestClockRefused
+from billing.clock import DatabaseClock, TestClockRefused
 from billing.config import BillingMode, get_settings
 from billing.runtime import get_runtime
 
@@ -27,6 +28,10 @@ def tick(
     if now is not None and get_settings().mode is not BillingMode.TEST:
         raise TestClockRefused("--now is refused in live mode (set BILLING_MODE=test)")
     rt = get_runtime()
+    if now is not None:
+        # The whole system runs as of that moment: the workers that charge what this pass
+        # queues, the retries and the janitor all read the same test clock.
+        DatabaseClock(rt.engine).set(now)
     renewal = run_renewal_pass(rt, now=now)
     retries = [i for i in due_retries(rt, now=now) if i not in set(renewal.invoice_ids)]
     pending = enqueue_charges(renewal.invoice_ids + retries)

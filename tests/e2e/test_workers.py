@@ -4,6 +4,7 @@ served over HTTP. Each test checks exactly-once against the sandbox's own list o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -271,3 +272,96 @@ def test_worker_killed_mid_charges_loses_and_doubles_nothing(
     _send(broker, due_retries(rt))
     _settle_everything(rt, broker)
     assert _assert_exactly_once(rt, sandbox) == 60
+
+
+def _billing(env: dict[str, str], *args: str, timeout_s: float = 120.0) -> dict[str, object]:
+    """Run the ``billing`` command line as an operator would; its ``--json`` answer."""
+    done = subprocess.run(
+        [sys.executable, "-m", "billing.cli", *args, "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, object] = json.loads(done.stdout)
+    return answer
+
+
+def test_the_command_line_drives_a_billing_day_against_real_workers(
+    clean_db: Engine,
+    gateway_server: ServerHandle,
+    workers: Workers,
+    broker: Celery,
+    token_key: str,
+) -> None:
+    """Invariant, driven only through ``billing tick --now --wait`` and ``billing reconcile``
+    with real workers on Redis: each invoice paid at most once and every charge on record;
+    ``--wait`` returns with every queued charge settled (paid, declined, pending or queued for
+    a retry), and after reconcile nothing is left unknown."""
+    rt = _runtime(clean_db, gateway_server, token_key)
+    DatabaseClock(clean_db).set(START - timedelta(hours=1))
+    seed_plans(rt)
+    sandbox = gateway_server.sandbox
+    behaviours = [
+        "success",
+        "timeout_after_charge",
+        "server_error_before_charge",
+        "pending_then_success",
+        "insufficient_funds",
+    ]
+    for i in range(10):
+        subscriber(rt, sandbox, [behaviours[i % len(behaviours)]], name=f"cli{i}", start=START)
+    workers.start("cli")
+
+    ticked = _billing(workers.env, "tick", "--now", START.isoformat(), "--wait", "--timeout", "60")
+    assert ticked["invoices_created"] == 10
+    outcomes = ticked["outcomes"]
+    assert isinstance(outcomes, dict)
+    assert sum(outcomes.values()) == 10, outcomes
+    assert outcomes.get("paid", 0) >= 4, outcomes  # success, and timeout_after_charge via verify
+    assert outcomes.get("soft_declined") == 2, outcomes
+    assert not any(word.startswith("not settled") for word in outcomes), outcomes
+    assert DatabaseClock(clean_db).now() == START  # the workers ran as of --now
+
+    # Quick retries (the 5xx before charging) are charged by the workers on their own; the
+    # PENDING payments are settled by reconcile, run until it has nothing left.
+    deadline = time.monotonic() + 60
+    unresolved: object = None
+    while time.monotonic() < deadline:
+        reconciled = _billing(workers.env, "reconcile")
+        unresolved = reconciled["still_unresolved"]
+        with rt.sessions() as session:
+            open_ids = [
+                i.id
+                for i in session.execute(select(Invoice)).scalars()
+                if i.status == InvoiceStatus.OPEN.value and i.failure_count == 0
+            ]
+        if not unresolved and not open_ids:
+            break
+        time.sleep(0.5)
+    assert not unresolved
+    with rt.sessions() as session:
+        left = session.execute(
+            select(ChargeAttempt).where(
+                ChargeAttempt.status.in_(["in_flight", "unknown", "pending"])
+            )
+        ).all()
+        invoices = list(session.execute(select(Invoice)).scalars())
+    assert left == []
+    taken = [c for c in sandbox.charges() if c["status"] == "SUCCESS"]
+    per_invoice = Counter(str(c["order_id"]).split("-")[0] for c in taken)
+    assert max(per_invoice.values()) == 1, "an invoice was charged twice"
+    assert len(invoices) == 10
+    paid = {f"INV{i.id}" for i in invoices if i.status == InvoiceStatus.PAID.value}
+    assert len(paid) == 8  # everything but the two declines
+    assert paid <= set(per_invoice)
+    with rt.sessions() as session:
+        on_record = set(
+            session.execute(
+                select(ChargeAttempt.order_id).where(ChargeAttempt.status == "succeeded")
+            ).scalars()
+        )
+    assert {str(c["order_id"]) for c in taken} == on_record, "a charge is not on record"
