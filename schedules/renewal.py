@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Select, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from billing.db import insert_for
 from billing.lifecycle import (
     InvoiceStatus,
     SubscriptionEvent,
@@ -126,10 +126,8 @@ def _insert_invoice(
         "created_at": now,
         "updated_at": now,
     }
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = (
-        insert(Invoice)
+        insert_for(session, Invoice)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["subscription_id", "period_start"])
         .returning(Invoice.id)

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from billing.db import insert_for
 from billing.models import ControlFlag
 from billing.services.events import record_event
 
@@ -24,9 +25,16 @@ def collection_paused(session: Session) -> str | None:
 
 
 def pause_collection(session: Session, reason: str, now: datetime) -> None:
-    if session.get(ControlFlag, COLLECTION_PAUSED) is not None:
-        return
-    session.add(ControlFlag(name=COLLECTION_PAUSED, value=reason[:500], updated_at=now))
+    """Pause collection and raise one alert. Safe to call for every 401 of a batch, and from
+    workers racing each other: the first pause wins, the others change nothing."""
+    stmt = (
+        insert_for(session, ControlFlag)
+        .values(name=COLLECTION_PAUSED, value=reason[:500], updated_at=now)
+        .on_conflict_do_nothing(index_elements=["name"])
+        .returning(ControlFlag.name)
+    )
+    if session.execute(stmt).scalar_one_or_none() is None:
+        return  # already paused
     record_event(session, "alert.collection_paused", now=now, payload={"reason": reason[:200]})
 
 

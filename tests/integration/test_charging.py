@@ -9,11 +9,15 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import Engine, select
 
 from billing.attempts import AttemptStatus
 from billing.clock import FixedClock
+from billing.crypto import TokenVault
+from billing.fatora.errors import PaymentNotFound
 from billing.fatora.sandbox import Sandbox
+from billing.fatora.types import Payment
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 from billing.models import CardToken, ControlFlag, Event
 from billing.runtime import Runtime
@@ -225,6 +229,69 @@ def test_auth_error_pauses_collection_and_fails_no_customer(
         kinds = set(session.execute(select(Event.kind)).scalars())
     assert "alert.collection_paused" in kinds
     assert sandbox.charges() == []
+
+
+def test_a_revoked_key_failing_a_whole_batch_pauses_collection_once(
+    clean_db: Engine, sandbox: Sandbox, clock: FixedClock, vault: TokenVault
+) -> None:
+    """Every call of a batch gets a 401 at once (the key was revoked): each invoice is left
+    for later, collection pauses, and one alert is raised; no customer is failed."""
+    rt = make_runtime(clean_db, sandbox, clock, vault, api_key="REVOKED-KEY")
+    seed_plans(rt)
+    for i in range(6):
+        subscriber(rt, sandbox, ["success"], name=f"k{i}")
+    invoice_ids = renew(rt)
+    report = collect_invoices(rt, invoice_ids)
+    assert set(report.results.values()) == {"auth_error"}
+    with rt.sessions() as session:
+        assert session.get(ControlFlag, "collection_paused") is not None
+        alerts = session.execute(
+            select(Event.id).where(Event.kind == "alert.collection_paused")
+        ).all()
+    assert len(alerts) == 1
+    for invoice_id in invoice_ids:
+        invoice = invoice_of(rt, invoice_id)
+        assert invoice.status == InvoiceStatus.OPEN.value and invoice.failure_count == 0
+    assert sandbox.charges() == []
+
+
+def test_a_bug_after_the_gateway_accepted_a_charge_never_leads_to_a_second_charge(
+    rt: Runtime, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never charge twice: collect was accepted, then verify blew up with an unexpected error.
+    The attempt stays 'taken or unknown' (accepted), the other invoices of the batch are
+    recorded as usual, and a later 'not found' from verify is never read as 'not charged'."""
+    seed_plans(rt)
+    for i in range(4):
+        subscriber(rt, sandbox, ["success"], name=f"b{i}")
+    invoice_ids = renew(rt)
+    broken = f"INV{invoice_ids[0]}-"
+    real_verify = rt.gateway.verify
+
+    def verify_with_a_bug(order_id: str, transaction_id: str | None = None) -> Payment:
+        payment = real_verify(order_id, transaction_id)
+        if order_id.startswith(broken):
+            raise RuntimeError("a bug while reading the answer")
+        return payment
+
+    monkeypatch.setattr(rt.gateway, "verify", verify_with_a_bug)
+    report = collect_invoices(rt, invoice_ids)
+    assert report.results[invoice_ids[0]] == "unknown"
+    assert all(report.results[i] == "paid" for i in invoice_ids[1:])
+    (attempt,) = attempts_of(rt, invoice_ids[0])
+    assert attempt.call_ending == "accepted"
+
+    def not_found(order_id: str, transaction_id: str | None = None) -> Payment:
+        if order_id.startswith(broken):
+            raise PaymentNotFound("Specified payment does not exists")
+        return real_verify(order_id, transaction_id)
+
+    monkeypatch.setattr(rt.gateway, "verify", not_found)
+    rt.unknown_grace = timedelta(0)
+    collect_invoices(rt, invoice_ids)
+    collect_invoices(rt, invoice_ids)
+    assert len(successful_charges(sandbox, invoice_ids[0])) == 1
+    assert [a.status for a in attempts_of(rt, invoice_ids[0])] == ["unknown"]
 
 
 def test_live_mode_refuses_a_test_result(
