@@ -157,15 +157,18 @@ def _exchange(
     """Run ``exchange`` for every call on the pool and record the outcomes as they arrive.
 
     Outcomes are recorded in chunks of about a round of calls (``charge_concurrency``), or
-    sooner when the first of them has waited ``RECORD_WITHIN``: the first answers are written
+    sooner when the first of them has waited ``RECORD_WITHIN_S``: the first answers are written
     while later calls are still under way, in few transactions. The invoice locks are held by
     the caller until every call has ended, even if recording fails.
     """
-    pending: dict[Future[Outcome], _Call] = {pool.submit(exchange, call): call for call in calls}
+    run = _never_raising(exchange)
+    pending: dict[Future[Outcome], _Call] = {}
     chunk = max(1, rt.charge_concurrency)
     ready: list[tuple[_Call, Outcome]] = []
     first_ready_at = 0.0
     try:
+        for call in calls:
+            pending[pool.submit(run, call)] = call
         while pending:
             done, _ = wait(pending, timeout=RECORD_WITHIN_S, return_when=FIRST_COMPLETED)
             if done and not ready:
@@ -175,13 +178,61 @@ def _exchange(
             if ready and (len(ready) >= chunk or not pending or overdue):
                 _record(rt, ready, report)
                 ready = []
-    finally:
-        # Only reached with calls left if recording failed. Calls not begun are dropped (their
-        # attempts stay in flight and are settled by verify later); calls under way are waited
-        # for, so that no invoice lock is let go in the middle of a call.
+    except BaseException:
+        # Recording failed (or the process is being stopped). Calls not begun are dropped:
+        # their attempts stay in flight and are settled by verify later. Calls under way are
+        # waited for, so that no invoice lock is let go in the middle of a call, and what is
+        # known about the answers that could not be recorded is kept as far as possible.
         for future in pending:
             future.cancel()
         wait(pending)
+        ready.extend((call, f.result()) for f, call in pending.items() if not f.cancelled())
+        _keep_what_was_accepted(rt, ready)
+        raise
+
+
+def _never_raising(exchange: Callable[[_Call], Outcome]) -> Callable[[_Call], Outcome]:
+    """``exchange``, turning any exception (a bug) into an unknown outcome: a call that raised
+    must not take the answers of the other calls down with it."""
+
+    def run(call: _Call) -> Outcome:
+        try:
+            return exchange(call)
+        except Exception as exc:
+            log.exception("gateway exchange failed for attempt %s", call.attempt_id)
+            return Outcome(
+                AttemptStatus.UNKNOWN,
+                call.ending,
+                transaction_id=call.transaction_id,
+                description=type(exc).__name__,
+            )
+
+    return run
+
+
+def _keep_what_was_accepted(rt: Runtime, results: list[tuple[_Call, Outcome]]) -> None:
+    """After a failed record: mark the attempts the gateway accepted, so that a later verify
+    'not found' is never read as 'never charged'. Best effort; every attempt not recorded stays
+    unresolved and is settled by verify."""
+    accepted = [
+        (call, outcome) for call, outcome in results if outcome.ending is CallEnding.ACCEPTED
+    ]
+    log.error(
+        "results of %d call(s) not recorded (they are settled by verify later); accepted: %s",
+        len(results),
+        ", ".join(f"{c.order_id}/{o.transaction_id or '-'}" for c, o in accepted) or "none",
+    )
+    if not accepted:
+        return
+    try:
+        with rt.sessions() as session, session.begin():
+            for call, outcome in accepted:
+                attempt = session.get(ChargeAttempt, call.attempt_id)
+                if attempt is not None and attempt.status in {s.value for s in UNRESOLVED}:
+                    attempt.call_ending = CallEnding.ACCEPTED.value
+                    attempt.transaction_id = outcome.transaction_id or attempt.transaction_id
+    except Exception:
+        log.exception("could not mark %d accepted attempt(s)", len(accepted))
 
 
 # -- 1. settle what is unknown ---------------------------------------------------------------
@@ -386,15 +437,17 @@ def _charge(rt: Runtime, call: _Call) -> Outcome:
     accepted = replace(call, transaction_id=collected.transaction_id)
     try:
         payment = rt.gateway.verify(call.order_id, collected.transaction_id)
-    except FatoraError as exc:
+        return _judge(rt, accepted, payment, CallEnding.ACCEPTED)
+    except Exception as exc:  # a failed verify or a bug: taken-or-unknown, never 'not charged'
+        if not isinstance(exc, FatoraError):
+            log.exception("verify after an accepted collect failed for attempt %s", call.attempt_id)
         return Outcome(
             AttemptStatus.UNKNOWN,
             CallEnding.ACCEPTED,
             transaction_id=collected.transaction_id,
-            description=_why(exc),
+            description=_why(exc) if isinstance(exc, FatoraError) else type(exc).__name__,
             error=exc,
         )
-    return _judge(rt, accepted, payment, CallEnding.ACCEPTED)
 
 
 def _after_unknown(rt: Runtime, call: _Call, ending: CallEnding, exc: FatoraError) -> Outcome:
@@ -459,13 +512,12 @@ def _record(
         invoices = _load(session, Invoice, (call.invoice_id for call, _ in results))
         # Held here so that the session's (weak) identity map keeps them for session.get.
         subs = _load(session, Subscription, (i.subscription_id for i in invoices.values()))
-        with session.no_autoflush:
-            for call, outcome in results:
-                attempt = attempts[call.attempt_id]
-                invoice = invoices[call.invoice_id]
-                _write_attempt(attempt, outcome, now)
-                word = _move_invoice(session, invoice, attempt, outcome, now, report)
-                report.note(invoice.id, word)
+        for call, outcome in results:
+            attempt = attempts[call.attempt_id]
+            invoice = invoices[call.invoice_id]
+            _write_attempt(attempt, outcome, now)
+            word = _move_invoice(session, invoice, attempt, outcome, now, report)
+            report.note(invoice.id, word)
         del subs
 
 

@@ -123,7 +123,19 @@ def make_runtime(
         charge_batch_size=50,
         renewal_batch_size=100,
     )
+    _made.append(rt)
     return rt.with_vault(vault)
+
+
+_made: list[Runtime] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_runtimes() -> Iterator[None]:
+    """Every runtime a test made stops its call threads when the test ends."""
+    yield
+    while _made:
+        _made.pop().close()
 
 
 @pytest.fixture()
