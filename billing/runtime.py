@@ -7,6 +7,7 @@ transport or a fixed clock.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Runtime:
     renewal_batch_size: int = 500
     _vault: TokenVault | None = field(default=None, repr=False)
     _calls: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _calls_pid: int = field(default=0, repr=False)
     _calls_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -54,13 +56,22 @@ class Runtime:
     @property
     def gateway_calls(self) -> ThreadPoolExecutor:
         """The threads that make gateway calls, ``charge_concurrency`` of them, shared by every
-        collection in this process (built on first use, so after a worker's fork)."""
+        collection in this process. Built on first use in each process: a pool inherited
+        through a fork (a Celery prefork child) has no threads and is never used."""
         with self._calls_lock:
-            if self._calls is None:
+            if self._calls is None or self._calls_pid != os.getpid():
                 self._calls = ThreadPoolExecutor(
                     max_workers=self.charge_concurrency, thread_name_prefix="fatora-call"
                 )
+                self._calls_pid = os.getpid()
             return self._calls
+
+    def close(self) -> None:
+        """Stop the call threads (idle ones; a collection under way finishes first)."""
+        with self._calls_lock:
+            calls, self._calls = self._calls, None
+        if calls is not None and self._calls_pid == os.getpid():
+            calls.shutdown(wait=True)
 
     def with_vault(self, vault: TokenVault) -> Runtime:
         self._vault = vault

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]
 
 import httpx
 
@@ -144,6 +146,9 @@ class FatoraClient:
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s).as_dict()
         self._urls: dict[str, httpx.URL] = {}
         self._injected = transport
+        # Read and checked now: a malformed proxy setting fails here, at startup, not per call.
+        self._proxy = _environment_proxy(self._base_url)
+        self._pid = os.getpid()
         self._local = threading.local()
         self._transports: list[httpx.BaseTransport] = []
         self._transports_lock = threading.Lock()
@@ -155,9 +160,14 @@ class FatoraClient:
             raise RuntimeError("the Fatora client has been closed")
         if self._injected is not None:
             return self._injected
+        if self._pid != os.getpid():
+            # A forked child never shares its parent's connections.
+            self._local = threading.local()
+            self._transports = []
+            self._pid = os.getpid()
         transport: httpx.BaseTransport | None = getattr(self._local, "transport", None)
         if transport is None:
-            transport = httpx.HTTPTransport(proxy=_environment_proxy(self._base_url))
+            transport = httpx.HTTPTransport(proxy=self._proxy)
             self._local.transport = transport
             with self._transports_lock:
                 self._transports.append(transport)
@@ -424,10 +434,20 @@ class FatoraClient:
             raise
 
 
-def _environment_proxy(url: httpx.URL) -> str | None:
-    """The proxy the environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY) sets for ``url``."""
+def _environment_proxy(url: httpx.URL) -> httpx.Proxy | None:
+    """The proxy that HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY set for ``url``, as
+    httpx.Client reads them (a proxy given without a scheme is an http:// one)."""
     host = url.host
-    if host and urllib.request.proxy_bypass(host):
+    if host and proxy_bypass_environment(host):
         return None
-    proxies = urllib.request.getproxies()
-    return proxies.get(url.scheme) or proxies.get("all")
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"
+    try:
+        return httpx.Proxy(proxy)
+    except ValueError:
+        # The setting may carry a proxy password: it is not repeated here.
+        raise ValueError(f"unusable proxy setting for {url.scheme} URLs (see *_PROXY)") from None

@@ -549,25 +549,53 @@ def test_usable_from_a_thread_pool(make: Make) -> None:
     assert [p.order_id for p in results] == orders
 
 
+_PROXY_VARS = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+)
+
+
 def test_proxies_come_from_the_environment_as_with_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
     """Merchants behind an egress proxy set HTTPS_PROXY; NO_PROXY exempts hosts from it."""
     from billing.fatora.client import _environment_proxy
 
-    for name in (
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ):
+    for name in _PROXY_VARS:
         monkeypatch.delenv(name, raising=False)
     url = httpx.URL("https://api.fatora.io/v1")
     assert _environment_proxy(url) is None
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert _environment_proxy(url) == "http://proxy.internal:3128"
+    proxy = _environment_proxy(url)
+    assert proxy is not None and str(proxy.url) == "http://proxy.internal:3128"
     assert _environment_proxy(httpx.URL("http://sandbox.local/v1")) is None
     monkeypatch.setenv("NO_PROXY", "fatora.io")
     assert _environment_proxy(url) is None
+
+
+def test_a_proxy_without_a_scheme_is_an_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HTTPS_PROXY=proxy.corp:3128`` is common; httpx.Client reads it as http://."""
+    from billing.fatora.client import _environment_proxy
+
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.corp:3128")
+    proxy = _environment_proxy(httpx.URL("https://api.fatora.io/v1"))
+    assert proxy is not None and str(proxy.url) == "http://proxy.corp:3128"
+
+
+def test_an_unusable_proxy_setting_fails_at_startup_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad proxy must stop the worker from starting, not make every charge 'unknown' for
+    days; the message names the variable, never the value (it may hold a password)."""
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "gopher://user:s3cret@proxy.corp:70")
+    with pytest.raises(ValueError, match="_PROXY") as raised:
+        FatoraClient("https://api.fatora.io/v1", API_KEY)
+    assert "s3cret" not in str(raised.value)
