@@ -1,9 +1,10 @@
 """One scheduler pass and one reconciliation pass, as the command line runs them.
 
 ``tick`` renews what is due and queues the charges (plus due retries) exactly as beat's tasks
-do; with ``now`` (test mode only) it first sets the test clock to that moment, so that the
-workers charging what it queues see the same time; with ``wait`` it follows the queued charge tasks until each has settled: paid, declined and
-scheduled for retry, or left unknown for the janitor.
+do. With ``now`` (test mode only) it first sets the test clock to that moment, so that the
+workers charging what it queues see the same time. With ``wait`` it follows the queued charge
+tasks until each has settled: paid, declined and scheduled for retry, or left unknown for the
+janitor.
 """
 
 from __future__ import annotations
