@@ -6,16 +6,16 @@ in UTC and comes back timezone-aware, on both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import ARRAY, ColumnElement, DateTime, Engine, any_, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from billing.config import get_settings
@@ -100,3 +100,15 @@ def insert_for(session: Session, model: type[Any]) -> postgresql.Insert | sqlite
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(model)
     return sqlite.insert(model)
+
+
+def id_in(
+    session: Session, column: ColumnElement[int] | QueryableAttribute[int], ids: Iterable[int]
+) -> ColumnElement[bool]:
+    """``column IN ids``. On PostgreSQL it is ``column = ANY(:ids)`` with one array parameter:
+    the statement text is the same whatever the number of ids, so the driver converts it once
+    instead of parsing a new statement with a parameter per id on every batch."""
+    wanted = sorted(set(ids))
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, wanted, type_=ARRAY(column.type)))
+    return column.in_(wanted)

@@ -40,6 +40,7 @@ from billing.attempts import (
     next_verify_delay,
     not_found_is_final,
 )
+from billing.db import id_in
 from billing.fatora.errors import (
     AuthenticationFailed,
     Declined,
@@ -243,7 +244,7 @@ def _unresolved_calls(rt: Runtime, invoice_ids: list[int]) -> list[_Call]:
     with rt.sessions() as session:
         attempts = session.execute(
             select(ChargeAttempt).where(
-                ChargeAttempt.invoice_id.in_(invoice_ids),
+                id_in(session, ChargeAttempt.invoice_id, invoice_ids),
                 ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
             )
         ).scalars()
@@ -325,7 +326,7 @@ def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionRepor
         blocked = set(
             session.execute(
                 select(ChargeAttempt.invoice_id).where(
-                    ChargeAttempt.invoice_id.in_(invoice_ids),
+                    id_in(session, ChargeAttempt.invoice_id, invoice_ids),
                     ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
                 )
             ).scalars()
@@ -382,7 +383,7 @@ def _load(session: Session, model: type[_Row], ids: Iterable[int]) -> dict[int, 
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = session.execute(select(model).where(model.id.in_(wanted))).scalars()  # type: ignore[attr-defined]
+    rows = session.execute(select(model).where(id_in(session, model.id, wanted))).scalars()  # type: ignore[attr-defined]
     return {row.id: row for row in rows}  # type: ignore[attr-defined]
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from billing.db import id_in
 from billing.dunning import DunningPolicy, FinalAction, dunning_step, final_action_event
 from billing.fatora.types import DeclineKind
 from billing.lifecycle import (
@@ -52,7 +53,9 @@ def customer_cards(session: Session, customer_ids: Iterable[int]) -> dict[int, l
     ids = sorted(set(customer_ids))
     found: dict[int, list[CardToken]] = {customer_id: [] for customer_id in ids}
     if ids:
-        rows = session.execute(select(CardToken).where(CardToken.customer_id.in_(ids))).scalars()
+        rows = session.execute(
+            select(CardToken).where(id_in(session, CardToken.customer_id, ids))
+        ).scalars()
         for card in rows:
             found[card.customer_id].append(card)
     return found
