@@ -3,6 +3,10 @@
 Notifications (email, push, merchant webhooks) and alerts are delivered from here later; an
 event exists if and only if the change it reports was committed. Payloads carry ids and words,
 never a card token.
+
+``record_event`` keeps the row with the session; when the session commits, its rows are
+written with one multi-row insert (after a flush, so that what they point at exists). A
+session that rolls back, or is closed without committing, writes none of them.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import event, insert
+from sqlalchemy.orm import Session, SessionTransaction
 
 from billing.models import Event, Invoice, Subscription
+
+_OUTBOX = "billing.outbox"
 
 
 def record_event(
@@ -24,19 +31,39 @@ def record_event(
     subscription: Subscription | None = None,
     customer_id: int | None = None,
     payload: dict[str, Any] | None = None,
-) -> Event:
+) -> None:
     subscription_id = subscription.id if subscription is not None else None
     if invoice is not None and subscription_id is None:
         subscription_id = invoice.subscription_id
     if subscription is not None and customer_id is None:
         customer_id = subscription.customer_id
-    event = Event(
-        kind=kind,
-        customer_id=customer_id,
-        subscription_id=subscription_id,
-        invoice_id=invoice.id if invoice is not None else None,
-        payload=payload or {},
-        created_at=now,
+    session.info.setdefault(_OUTBOX, []).append(
+        {
+            "kind": kind,
+            "customer_id": customer_id,
+            "subscription_id": subscription_id,
+            "invoice_id": invoice.id if invoice is not None else None,
+            "payload": payload or {},
+            "created_at": now,
+        }
     )
-    session.add(event)
-    return event
+
+
+@event.listens_for(Session, "before_commit")
+def _write_outbox(session: Session) -> None:
+    rows: list[dict[str, Any]] | None = session.info.pop(_OUTBOX, None)
+    if rows:
+        session.flush()
+        session.execute(insert(Event), rows)
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _drop_outbox(session: Session, previous_transaction: SessionTransaction) -> None:
+    session.info.pop(_OUTBOX, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _drop_unwritten(session: Session, transaction: SessionTransaction) -> None:
+    # A session closed without commit ends its transaction here: its events go with it.
+    if transaction.parent is None and not session.in_transaction():
+        session.info.pop(_OUTBOX, None)
