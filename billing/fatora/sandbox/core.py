@@ -300,6 +300,8 @@ class Sandbox:
         self._lock = threading.Lock()
         self._payments: list[_Payment] = []
         self._by_payment_id: dict[str, _Payment] = {}
+        # Verify and refund find payments by order id without scanning every payment.
+        self._by_order_id: dict[str, list[_Payment]] = {}
         self._tokens: dict[str, _Token] = {}
         self._transaction_ids: set[str] = set()
         self._seq = 0
@@ -373,6 +375,7 @@ class Sandbox:
     def _reset_locked(self) -> None:
         self._payments.clear()
         self._by_payment_id.clear()
+        self._by_order_id.clear()
         self._tokens.clear()
 
     # ------------------------------------------------------------------------------- routing
@@ -525,7 +528,7 @@ class Sandbox:
     def _verify(self, payload: dict[str, Any], base: str) -> SandboxResponse:
         order_id = _required_text(payload, "order_id")
         transaction_id = _optional_text(payload, "transaction_id")
-        matches = [p for p in self._payments if p.order_id == order_id]
+        matches = self._by_order_id.get(order_id, [])
         if transaction_id:
             matches = [p for p in matches if p.transaction_id == transaction_id]
         if not matches:
@@ -543,11 +546,7 @@ class Sandbox:
         transaction_id = _required_text(payload, "transaction_id")
         order_id = _required_text(payload, "order_id")
         payment = next(
-            (
-                p
-                for p in self._payments
-                if p.transaction_id == transaction_id and p.order_id == order_id
-            ),
+            (p for p in self._by_order_id.get(order_id, []) if p.transaction_id == transaction_id),
             None,
         )
         if payment is None:
@@ -735,6 +734,7 @@ class Sandbox:
         )
         self._payments.append(payment)
         self._by_payment_id[payment_id] = payment
+        self._by_order_id.setdefault(order_id, []).append(payment)
         return payment
 
     def _new_token(
