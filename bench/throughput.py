@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=2, help="prefork children each")
     parser.add_argument("--batch", type=int, default=100, help="invoices per charge task")
-    parser.add_argument("--threads", type=int, default=25, help="gateway call threads per worker process")
+    parser.add_argument("--threads", type=int, default=25, help="call threads per child")
     parser.add_argument("--rounds", type=int, default=3, help="noop/charge phase pairs")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per phase")
     return parser.parse_args(argv)
