@@ -105,9 +105,12 @@ def _policy(session: Session, sub: Subscription) -> DunningPolicy:
 
 def _move(sub: Subscription, event: SubscriptionEvent, now: datetime) -> bool:
     try:
-        sub.status = transition(SubscriptionStatus(sub.status), event).value
+        status = transition(SubscriptionStatus(sub.status), event).value
     except IllegalTransition:
         return False  # e.g. canceled meanwhile: the invoice moves, the subscription stays
+    if status == sub.status:
+        return True  # e.g. a payment on an active subscription: nothing to write
+    sub.status = status
     sub.updated_at = now
     if sub.status == SubscriptionStatus.CANCELED.value:
         sub.canceled_at = now
