@@ -137,12 +137,15 @@ class FatoraClient:
         self._mode = mode
         self._api_key = api_key
         self._deactivate_path = deactivate_path
-        self._headers = {
-            "api_key": api_key,
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": "fatora-billing",
-        }
+        # Built once: every request copies them as they are, with no per-call normalising.
+        self._headers = httpx.Headers(
+            {
+                "api_key": api_key,
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": "fatora-billing",
+            }
+        )
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s).as_dict()
         self._urls: dict[str, httpx.URL] = {}
         self._injected = transport
