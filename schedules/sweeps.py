@@ -77,15 +77,21 @@ def _alert_stale(rt: Runtime, now: datetime, report: JanitorReport) -> None:
                 ChargeAttempt.created_at <= now - ALERT_AFTER,
             )
         ).scalars()
+        alerted_now: set[int] = set()  # recorded events are not readable before the commit
         for attempt in stale:
             report.still_unresolved.append(attempt.id)
-            already = session.execute(
-                select(Event.id).where(
-                    Event.kind == "alert.attempt_unresolved",
-                    Event.invoice_id == attempt.invoice_id,
-                )
-            ).first()
-            if already is None:
+            already = (
+                attempt.invoice_id in alerted_now
+                or session.execute(
+                    select(Event.id).where(
+                        Event.kind == "alert.attempt_unresolved",
+                        Event.invoice_id == attempt.invoice_id,
+                    )
+                ).first()
+                is not None
+            )
+            if not already:
+                alerted_now.add(attempt.invoice_id)
                 invoice = session.get(Invoice, attempt.invoice_id)
                 record_event(
                     session,

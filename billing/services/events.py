@@ -4,9 +4,11 @@ Notifications (email, push, merchant webhooks) and alerts are delivered from her
 event exists if and only if the change it reports was committed. Payloads carry ids and words,
 never a card token.
 
-``record_event`` keeps the row with the session; when the session commits, its rows are
-written with one multi-row insert (after a flush, so that what they point at exists). A
-session that rolls back, or is closed without committing, writes none of them.
+``record_event`` keeps the row with the session's transaction; when that transaction commits,
+its rows are written with one multi-row insert (after a flush, so that what they point at
+exists). A transaction that rolls back, or a session closed without committing, writes none of
+them. Events are not recorded inside a savepoint (whose own rollback could not take them back
+alone), and rows recorded in a transaction cannot be read back before it commits.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def record_event(
     customer_id: int | None = None,
     payload: dict[str, Any] | None = None,
 ) -> None:
+    if session.in_nested_transaction():
+        raise RuntimeError("events are recorded in the outer transaction, not in a savepoint")
+    session.connection()  # the row belongs to the transaction open now (begun if need be)
     subscription_id = subscription.id if subscription is not None else None
     if invoice is not None and subscription_id is None:
         subscription_id = invoice.subscription_id
@@ -43,7 +48,7 @@ def record_event(
             "customer_id": customer_id,
             "subscription_id": subscription_id,
             "invoice_id": invoice.id if invoice is not None else None,
-            "payload": payload or {},
+            "payload": dict(payload or {}),
             "created_at": now,
         }
     )
@@ -51,14 +56,19 @@ def record_event(
 
 @event.listens_for(Session, "before_commit")
 def _write_outbox(session: Session) -> None:
-    rows: list[dict[str, Any]] | None = session.info.pop(_OUTBOX, None)
+    if session.in_nested_transaction():
+        return  # a savepoint released: the rows wait for the outer commit
+    rows: list[dict[str, Any]] | None = session.info.get(_OUTBOX)
     if rows:
         session.flush()
         session.execute(insert(Event), rows)
+    session.info.pop(_OUTBOX, None)
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _drop_outbox(session: Session, previous_transaction: SessionTransaction) -> None:
+    if previous_transaction.nested:
+        return  # a savepoint rolled back: no event was recorded inside it
     session.info.pop(_OUTBOX, None)
 
 
