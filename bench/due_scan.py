@@ -3,15 +3,16 @@
 For each table size T (default 10 000 and 1 000 000 subscriptions) with the same D due (default
 1 000), it times the claim of all D due subscriptions in batches of 500 through the production
 code path, ``schedules.renewal.claim_due`` (``FOR UPDATE SKIP LOCKED`` over the partial index
-``ix_subscriptions_due``), and prints one JSON line with the best and median times, their ratio,
-and the query plan.
+``ix_subscriptions_due``), and prints one JSON line with the best and median times, their
+ratios, and the query plans. The sizes are timed in turn, round after round, so that a slow
+spell of the machine weighs on every size alike.
 
-It runs against a dedicated database (``billing_bench`` by default, created if missing) on the
-PostgreSQL server named by ``BILLING_BENCH_DATABASE_URL``; that URL is only used to create the
-benchmark database, whose contents are replaced on every run. Each repeat runs in one
+Each size has a dedicated database (``billing_bench_10k``, ``billing_bench_1m``, created if
+missing) on the PostgreSQL server named by ``BILLING_BENCH_DATABASE_URL``; that URL is only used
+to create them, and their contents are replaced on every run. Each repeat runs in one
 transaction that is rolled back, so every repeat sees the same data.
 
-    .venv/bin/python bench/due_scan.py [--due 1000] [--totals 10000,1000000] [--repeat 5]
+    .venv/bin/python bench/due_scan.py [--due 1000] [--totals 10000,1000000] [--repeat 9]
         [--layout spread|clustered] [--database billing_bench]
 """
 
@@ -248,41 +249,46 @@ def table_size(engine: Engine) -> dict[str, int]:
     return {"heap_bytes": int(row[0]), "index_bytes": int(row[1]), "null_next": int(row[2])}
 
 
-def run(
-    url: str, totals: list[int], due: int, repeat: int, layout: str = "spread"
-) -> dict[str, Any]:
-    engine = create_engine(url)
-    upgrade(url)
+def run(urls: dict[int, str], due: int, repeat: int, layout: str = "spread") -> dict[str, Any]:
+    """Load every size into its own database, then time the sizes in turn, ``repeat`` rounds:
+    a slow spell of the machine falls on all sizes alike instead of on whichever ran then."""
+    totals = sorted(urls)
+    engines = {total: create_engine(urls[total]) for total in totals}
     now = datetime.now(UTC).replace(microsecond=0)
     result: dict[str, Any] = {"due": due, "layout": layout}
-    best: dict[int, float] = {}
+    times: dict[int, list[float]] = {total: [] for total in totals}
     details: dict[str, Any] = {}
     batches = 0
     try:
         for total in totals:
             if due > total:
                 raise SystemExit(f"--due {due} is more than the table of {total}")
-            load_fixtures(engine, total, due, now, layout)
-            claim_all(engine, now)  # warm-up: caches, hint bits, statement cache
-            times = []
-            for _ in range(repeat):
-                elapsed, batches, claimed = claim_all(engine, now)
+            upgrade(urls[total])
+            load_fixtures(engines[total], total, due, now, layout)
+            claim_all(engines[total], now)  # warm-up: caches, hint bits, statement cache
+        for _ in range(repeat):
+            for total in totals:
+                elapsed, batches, claimed = claim_all(engines[total], now)
                 if claimed != due:
                     raise SystemExit(f"claimed {claimed} of {due} due at T={total}")
-                times.append(elapsed)
-            best[total] = min(times)
+                times[total].append(elapsed)
+        for total in totals:
             name = label(total)
-            result[f"t_{name}_ms"] = round(best[total], 3)
+            result[f"t_{name}_ms"] = round(min(times[total]), 3)
             details[name] = {
-                "best_ms": round(best[total], 3),
-                "median_ms": round(statistics.median(times), 3),
-                "plan": explain(engine, now),
-                **table_size(engine),
+                "best_ms": round(min(times[total]), 3),
+                "median_ms": round(statistics.median(times[total]), 3),
+                "plan": explain(engines[total], now),
+                **table_size(engines[total]),
             }
     finally:
-        engine.dispose()
+        for engine in engines.values():
+            engine.dispose()
     small, large = totals[0], totals[-1]
-    result["ratio"] = round(best[large] / best[small], 3)
+    result["ratio"] = round(min(times[large]) / min(times[small]), 3)
+    result["median_ratio"] = round(
+        statistics.median(times[large]) / statistics.median(times[small]), 3
+    )
     result["target_ratio"] = TARGET_RATIO
     result["batches"] = batches
     result["batch_size"] = BATCH
@@ -304,9 +310,11 @@ def main(argv: list[str] | None = None) -> None:
         default="10000,1000000",
         help="comma-separated table sizes, smallest first (the ratio is last / first)",
     )
-    parser.add_argument("--repeat", type=int, default=5, help="timed repeats per size")
+    parser.add_argument("--repeat", type=int, default=9, help="timed rounds over the sizes")
     parser.add_argument(
-        "--database", default="billing_bench", help="benchmark database (created if missing)"
+        "--database",
+        default="billing_bench",
+        help="benchmark database name prefix (one database per size, created if missing)",
     )
     parser.add_argument(
         "--layout", choices=sorted(LAYOUTS), default="spread", help="where the due rows sit"
@@ -316,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(totals) < 2 or args.due < 1 or args.repeat < 1:
         parser.error("need two or more --totals, --due >= 1 and --repeat >= 1")
     admin_url = os.environ.get("BILLING_BENCH_DATABASE_URL", DEFAULT_URL)
-    url = bench_url(admin_url, args.database)
-    print(json.dumps(run(url, totals, args.due, args.repeat, args.layout)))
+    urls = {total: bench_url(admin_url, f"{args.database}_{label(total)}") for total in totals}
+    print(json.dumps(run(urls, args.due, args.repeat, args.layout)))
 
 
 if __name__ == "__main__":

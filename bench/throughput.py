@@ -6,13 +6,14 @@ Everything runs for real on this machine: ``celery -A workers.app worker`` proce
 sandbox served over HTTP by uvicorn in this process, answering every request after
 ``--latency-ms``.
 
-The workers are warmed first: each pool child charges two small batches of invoices of their own
-(so connections are open and statements compiled, as in a long-running worker); those are not
-measured. Two phases then alternate for ``--rounds`` rounds on the same warm workers, each
-round with its share of the work, measured the same way: with the workers' consumers of
-the ``charges`` queue cancelled, the whole load is queued; the clock starts when the consumers
-are added back and stops at the first 0.1 s poll that sees all of the work done (the time to
-drain a preloaded queue, without the client's enqueueing speed in it).
+The workers are warmed first: each pool child charges, on average, two full batches of invoices
+of their own (so that every call thread has started and holds its connection, and the statements
+are compiled, as in a long-running worker); those are not measured. Two phases then alternate
+for ``--rounds`` rounds on the same warm workers, each round with its share of the work,
+measured the same way: with the workers' consumers of the ``charges`` queue cancelled, the whole
+load is queued; the clock starts when the consumers are added back and stops at the first 0.1 s
+poll that sees all of the work done (the time to drain a preloaded queue, without the client's
+enqueueing speed in it).
 
 1. ``billing.noop`` x ``--noop``: Celery's own cost per task (receive, ack, result write).
    Completion is counted by the result records the workers write to Redis.
@@ -440,9 +441,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             unknown_grace=timedelta(minutes=5),
         ).with_vault(vault)
         DatabaseClock(engine).set(START)
-        # Each pool child gets two warm-up tasks of ten invoices, billed before the measurement.
+        # Two full warm-up batches per pool child, billed before the measurement.
         slots = 2 * args.workers * args.concurrency
-        warm = 10 * slots
+        warm = args.batch * slots
         seed(rt, sandbox, vault, warm + args.n)
         invoice_ids = sorted(run_renewal_pass(rt).invoice_ids)
         if len(invoice_ids) != warm + args.n:
@@ -467,9 +468,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool.start(args.workers, args.concurrency)
         wait_ready(client, pool)
 
-        # Warm-up: every pool child imports the tasks, builds its runtime and charges a few
-        # invoices of its own (database connections, compiled statements and gateway
-        # connections made), as a long-running worker would have done before any measurement.
+        # Warm-up: every pool child imports the tasks, builds its runtime and charges full
+        # batches of its own (database connections, compiled statements, every call thread and
+        # its gateway connection), as a long-running worker has before any measurement.
         warm_ids, invoice_ids = invoice_ids[:warm], invoice_ids[warm:]
         set_consuming(client, pool, on=False)
         send_tasks(
