@@ -88,12 +88,14 @@ SUBSCRIPTION_TRANSITIONS: Mapping[tuple[SubscriptionStatus, SubscriptionEvent], 
 SUBSCRIPTION_TRANSITIONS = MappingProxyType(
     {
         # A charge outcome. A failure where dunning has already ended (unpaid, paused) is the
-        # customer's own attempt on the pay link: it changes nothing.
+        # customer's own attempt on the pay link: it changes nothing. A payment makes an unpaid
+        # subscription active again (its schedule goes on); a paused one stays paused, since
+        # only a resume restarts its billing: 'active' must never mean 'not billed'.
         (_S.TRIALING, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
         (_S.ACTIVE, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
         (_S.PAST_DUE, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
         (_S.UNPAID, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
-        (_S.PAUSED, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
+        (_S.PAUSED, _E.PAYMENT_SUCCEEDED): _S.PAUSED,
         (_S.TRIALING, _E.PAYMENT_FAILED): _S.PAST_DUE,
         (_S.ACTIVE, _E.PAYMENT_FAILED): _S.PAST_DUE,
         (_S.PAST_DUE, _E.PAYMENT_FAILED): _S.PAST_DUE,

@@ -112,6 +112,9 @@ def _move(sub: Subscription, event: SubscriptionEvent, now: datetime) -> bool:
         return True  # e.g. a payment on an active subscription: nothing to write
     sub.status = status
     sub.updated_at = now
+    if sub.status == SubscriptionStatus.ACTIVE.value and sub.next_billing_at is None:
+        # Back from unpaid: billing goes on where the last invoiced period ended.
+        sub.next_billing_at = sub.current_period_end or now
     if sub.status == SubscriptionStatus.CANCELED.value:
         sub.canceled_at = now
         sub.next_billing_at = None

@@ -19,7 +19,7 @@ from billing.fatora.errors import PaymentNotFound
 from billing.fatora.sandbox import Sandbox
 from billing.fatora.types import Payment
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
-from billing.models import CardToken, ControlFlag, Event
+from billing.models import CardToken, ControlFlag, Event, Subscription
 from billing.runtime import Runtime
 from billing.services import charging
 from billing.services.charging import collect_invoices
@@ -292,6 +292,46 @@ def test_a_bug_after_the_gateway_accepted_a_charge_never_leads_to_a_second_charg
     collect_invoices(rt, invoice_ids)
     assert len(successful_charges(sandbox, invoice_ids[0])) == 1
     assert [a.status for a in attempts_of(rt, invoice_ids[0])] == ["unknown"]
+
+
+def test_a_payment_on_a_paused_subscription_leaves_it_paused_until_resumed(
+    rt: Runtime, sandbox: Sandbox
+) -> None:
+    """'Active' must never mean 'not billed': an invoice paid after the merchant paused the
+    subscription settles the invoice, and the subscription stays paused (nothing is billed)
+    until a resume restarts its schedule."""
+    from billing.services.subscriptions import get_subscription, pause, resume
+
+    sub_id, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
+    with rt.sessions() as session, session.begin():
+        pause(session, get_subscription(session, sub_id), rt.clock.now())
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
+    sub = subscription_of(rt, sub_id)
+    assert sub.status == SubscriptionStatus.PAUSED.value and sub.next_billing_at is None
+    with rt.sessions() as session, session.begin():
+        resume(session, get_subscription(session, sub_id), rt.clock.now())
+    sub = subscription_of(rt, sub_id)
+    assert sub.status == SubscriptionStatus.ACTIVE.value and sub.next_billing_at is not None
+    assert len(successful_charges(sandbox, invoice_id)) == 1
+
+
+def test_a_payment_on_an_unpaid_subscription_makes_it_active_and_billed_again(
+    rt: Runtime, sandbox: Sandbox
+) -> None:
+    """An unpaid subscription (dunning ended, renewals stopped) whose open invoice gets paid is
+    active again, and its schedule goes on from the end of the last invoiced period: it is
+    not left 'active' with nothing ever billed again."""
+    sub_id, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
+    with rt.sessions() as session, session.begin():
+        sub = session.get(Subscription, sub_id)
+        assert sub is not None
+        period_end = sub.current_period_end
+        sub.status = SubscriptionStatus.UNPAID.value
+        sub.next_billing_at = None
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
+    sub = subscription_of(rt, sub_id)
+    assert sub.status == SubscriptionStatus.ACTIVE.value
+    assert period_end is not None and sub.next_billing_at == period_end
 
 
 def test_live_mode_refuses_a_test_result(
