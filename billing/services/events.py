@@ -65,15 +65,9 @@ def _write_outbox(session: Session) -> None:
     session.info.pop(_OUTBOX, None)
 
 
-@event.listens_for(Session, "after_soft_rollback")
-def _drop_outbox(session: Session, previous_transaction: SessionTransaction) -> None:
-    if previous_transaction.nested:
-        return  # a savepoint rolled back: no event was recorded inside it
-    session.info.pop(_OUTBOX, None)
-
-
 @event.listens_for(Session, "after_transaction_end")
 def _drop_unwritten(session: Session, transaction: SessionTransaction) -> None:
-    # A session closed without commit ends its transaction here: its events go with it.
-    if transaction.parent is None and not session.in_transaction():
+    # The outer transaction ended: committed (its rows are written already) or rolled back, or
+    # the session closed without committing. Either way no row of it may reach a later one.
+    if transaction.parent is None:
         session.info.pop(_OUTBOX, None)
