@@ -539,3 +539,307 @@ def test_constructor_rejects_unknown_styles() -> None:
         Sandbox(decline_style="http500")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Sandbox(pending_verifies=-1)
+
+
+def test_constructor_rejects_negative_delays_and_unknown_routes() -> None:
+    with pytest.raises(ValueError):
+        Sandbox(land_delay_s=-1)
+    with pytest.raises(ValueError):
+        Sandbox(verify_lag_s=-0.5)
+    with pytest.raises(ValueError, match="unknown route"):
+        Sandbox(broken_routes=["collect"])
+
+
+# ------------------------------------------------------------------ ambiguous answers
+
+
+class FakeMonotonic:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.value = 1000.0
+
+    def __call__(self) -> float:
+        return self.value
+
+    def advance(self, seconds: float) -> None:
+        self.value += seconds
+
+
+@pytest.fixture
+def ticks() -> FakeMonotonic:
+    return FakeMonotonic()
+
+
+@pytest.fixture
+def lagging(clock: ManualClock, ticks: FakeMonotonic) -> Sandbox:
+    return Sandbox(now=clock, monotonic=ticks, land_delay_s=2.0, verify_lag_s=3.0, seed=7)
+
+
+def successes(sandbox: Sandbox, order_id: str) -> list[dict[str, Any]]:
+    return [c for c in sandbox.charges() if c["order_id"] == order_id and c["status"] == "SUCCESS"]
+
+
+def assert_landed(sandbox: Sandbox, order_id: str, token: str) -> None:
+    [charge] = sandbox.charges()
+    assert (charge["order_id"], charge["amount"], charge["currency"]) == (order_id, "25.00", "QAR")
+    assert charge["status"] == "SUCCESS"
+    assert charge["source"] == "collect"
+    assert charge["card_token"] == token
+    result = verify(sandbox, order_id).json()["result"]
+    assert result["payment_status"] == "SUCCESS"
+    assert result["transaction_id"] == charge["transaction_id"]
+    assert result["amount"] == 25
+    assert result["card_token"] == token
+    assert result["auth_code"] and len(result["auth_code"]) == 6
+    # The sandbox's own clock, not the monotonic one, dates the approval.
+    assert result["payment_date"] == "2025-01-31T10:00:00:000"
+
+
+def test_edge_504_then_the_charge_lands(lagging: Sandbox, ticks: FakeMonotonic) -> None:
+    token = lagging.issue_token("edge_504_lands_later")
+    response = collect(lagging, token, "E5-1", "25")
+    assert response.status == 504
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert b"<h1>504 Gateway Time-out</h1>" in response.body
+    assert not response.hang
+    assert lagging.charges() == []
+    assert verify(lagging, "E5-1").status == 404
+    ticks.advance(1.999)
+    assert verify(lagging, "E5-1").status == 404
+    assert lagging.charges() == []
+    ticks.advance(0.001)
+    assert_landed(lagging, "E5-1", token)
+
+
+def test_edge_504_every_collect_lands_once(lagging: Sandbox, ticks: FakeMonotonic) -> None:
+    token = lagging.issue_token("edge_504_lands_later")
+    assert collect(lagging, token, "E5-2", "25").status == 504
+    ticks.advance(1)
+    assert collect(lagging, token, "E5-3", "25").status == 504
+    ticks.advance(1)
+    assert [c["order_id"] for c in lagging.charges()] == ["E5-2"]
+    ticks.advance(1)
+    assert [c["order_id"] for c in lagging.charges()] == ["E5-2", "E5-3"]
+    ticks.advance(60)
+    assert len(lagging.charges()) == 2
+
+
+def test_timeout_then_the_charge_lands(lagging: Sandbox, ticks: FakeMonotonic) -> None:
+    token = lagging.issue_token("timeout_lands_later")
+    response = collect(lagging, token, "TL-1", "25")
+    assert response.hang
+    # What a served client gets if it outwaits the hang: the edge's own timeout page.
+    assert response.status == 504
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert lagging.charges() == []
+    assert verify(lagging, "TL-1").status == 404
+    ticks.advance(2)
+    assert_landed(lagging, "TL-1", token)
+
+
+def test_landing_is_applied_by_any_request(lagging: Sandbox, ticks: FakeMonotonic) -> None:
+    token = lagging.issue_token("timeout_lands_later")
+    collect(lagging, token, "TL-2", "25")
+    ticks.advance(5)
+    health = call(lagging, "/__sandbox/health", method="GET", headers={})
+    assert health.status == 200
+    listed = call(lagging, "/__sandbox/charges", method="GET", headers={}, query="order_id=TL-2")
+    assert [c["status"] for c in listed.json()["charges"]] == ["SUCCESS"]
+
+
+def test_a_dead_token_is_declined_at_once_not_deferred(lagging: Sandbox) -> None:
+    token = lagging.issue_token("edge_504_lands_later")
+    call(lagging, "/v1/payments/deactivate-token", {"card_token": token})
+    body = collect(lagging, token, "DT-1").json()
+    assert body["result"]["description"] == "Card token deactivated"
+    assert [c["status"] for c in lagging.charges()] == ["FAILURE"]
+
+
+def test_reset_drops_charges_still_to_land(lagging: Sandbox, ticks: FakeMonotonic) -> None:
+    collect(lagging, lagging.issue_token("edge_504_lands_later"), "RS-1")
+    lagging.reset()
+    ticks.advance(10)
+    assert lagging.charges() == []
+    assert verify(lagging, "RS-1").status == 404
+
+
+def test_land_delay_defaults_to_one_second(clock: ManualClock, ticks: FakeMonotonic) -> None:
+    sandbox = Sandbox(now=clock, monotonic=ticks)
+    collect(sandbox, sandbox.issue_token("edge_504_lands_later"), "D-1")
+    ticks.advance(0.9)
+    assert sandbox.charges() == []
+    ticks.advance(0.1)
+    assert len(successes(sandbox, "D-1")) == 1
+
+
+def test_verify_lags_behind_the_charge(lagging: Sandbox, ticks: FakeMonotonic) -> None:
+    token = lagging.issue_token("verify_lags")
+    response = collect(lagging, token, "VL-1", "25")
+    assert response.status == 200
+    result = response.json()["result"]
+    assert result["payment_status"] == "SUCCESS"
+    # The money is taken at once; only verify is behind.
+    assert len(successes(lagging, "VL-1")) == 1
+    missing = verify(lagging, "VL-1")
+    assert missing.status == 404
+    assert missing.json() == {
+        "status": "ERROR",
+        "error": {"error_code": "404", "description": "Specified payment does not exists"},
+    }
+    assert verify(lagging, "VL-1", result["transaction_id"]).status == 404
+    ticks.advance(2.999)
+    assert verify(lagging, "VL-1").status == 404
+    ticks.advance(0.001)
+    assert_landed(lagging, "VL-1", token)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "body"),
+    [
+        ("approved_shape", {"status": "SUCCESS", "result": {"status": "APPROVED"}}),
+        ("processing", {"status": "PROCESSING"}),
+        (
+            "error_envelope_after_charge",
+            {
+                "status": "ERROR",
+                "error": {
+                    "error_code": "E500",
+                    "description": "Unexpected error, please contact support",
+                },
+            },
+        ),
+    ],
+)
+def test_odd_envelopes_after_charge(lagging: Sandbox, behaviour: str, body: dict[str, Any]) -> None:
+    token = lagging.issue_token(behaviour)
+    response = collect(lagging, token, "OE-1", "25")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json() == body
+    assert_landed(lagging, "OE-1", token)
+
+
+def test_error_envelope_after_charge_follows_error_style(clock: ManualClock) -> None:
+    sandbox = Sandbox(now=clock, error_style="string")
+    response = collect(sandbox, sandbox.issue_token("error_envelope_after_charge"), "OE-2")
+    assert response.status == 200
+    assert response.json() == {
+        "status": "ERROR",
+        "error": "Unexpected error, please contact support",
+    }
+
+
+def test_server_error_always_takes_nothing(lagging: Sandbox, ticks: FakeMonotonic) -> None:
+    token = lagging.issue_token("server_error_always")
+    for _ in range(3):
+        response = collect(lagging, token, "SA-1")
+        assert response.status == 503
+        assert response.json() == {
+            "status": "ERROR",
+            "error": {"error_code": "503", "description": "Service Unavailable"},
+        }
+        ticks.advance(10)
+    assert lagging.charges() == []
+    assert verify(lagging, "SA-1").status == 404
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "body"),
+    [
+        ("invalid_api_key_envelope", {"status": "FAILURE", "error": "Invalid API Key"}),
+        (
+            "merchant_token_expired",
+            {
+                "status": "FAILURE",
+                "result": {"payment_status": "FAILURE", "description": "Merchant token expired"},
+            },
+        ),
+    ],
+)
+def test_merchant_failures_in_a_200_take_nothing(
+    lagging: Sandbox, ticks: FakeMonotonic, behaviour: str, body: dict[str, Any]
+) -> None:
+    token = lagging.issue_token(behaviour)
+    response = collect(lagging, token, "MF-1", "25")
+    assert response.status == 200
+    assert response.json() == body
+    ticks.advance(60)
+    assert lagging.charges() == []
+    assert verify(lagging, "MF-1").status == 404
+
+
+# ------------------------------------------------------------------------- broken routes
+
+
+def assert_edge_404(response: SandboxResponse) -> None:
+    assert response.status == 404
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert response.body == b"<html><body><h1>404 Not Found</h1></body></html>"
+
+
+def test_broken_routes_answer_html_404_and_change_nothing(clock: ManualClock) -> None:
+    sandbox = Sandbox(now=clock, broken_routes=["collect-payment", "checkout"])
+    assert sandbox.broken_routes == {"collect-payment", "checkout"}
+    token = sandbox.issue_token("success")
+    assert_edge_404(collect(sandbox, token, "BR-1"))
+    assert_edge_404(checkout(sandbox, order_id="BR-2"))
+    assert sandbox.charges() == []
+    assert verify(sandbox, "BR-1").status == 404
+    assert verify(sandbox, "BR-2").status == 404
+    # The token was never seen: a later collect is its first.
+    sandbox.broken_routes.clear()
+    assert collect(sandbox, token, "BR-1").json()["result"]["payment_status"] == "SUCCESS"
+
+
+def test_a_broken_route_answers_before_the_key_and_method_checks(sandbox: Sandbox) -> None:
+    sandbox.broken_routes.add("verify")
+    assert_edge_404(call(sandbox, "/v1/payments/verify", {"order_id": "x"}, headers={}))
+    assert_edge_404(call(sandbox, "/v1/payments/verify", method="GET"))
+    # Other routes are untouched.
+    assert call(sandbox, "/v1/payments/checkout", {}, headers={}).status == 401
+
+
+@pytest.mark.parametrize("path", ["/v1/payments/refund", "/api/v1/payments/refund"])
+def test_broken_refund_covers_both_paths(sandbox: Sandbox, path: str) -> None:
+    txn = collect(sandbox, sandbox.issue_token(), "BF-1").json()["result"]["transaction_id"]
+    sandbox.broken_routes.add("refund")
+    assert_edge_404(call(sandbox, path, {"transaction_id": txn, "order_id": "BF-1"}))
+    assert verify(sandbox, "BF-1").json()["result"]["refund_details"] is None
+    sandbox.broken_routes.discard("refund")
+    assert call(sandbox, path, {"transaction_id": txn, "order_id": "BF-1"}).status == 200
+
+
+def test_faults_endpoint_replaces_the_broken_routes(sandbox: Sandbox) -> None:
+    faults = "/__sandbox/faults"
+    response = call(sandbox, faults, {"broken_routes": ["verify", "refund"]}, headers={})
+    assert response.status == 200
+    assert response.json() == {"status": "ok", "broken_routes": ["refund", "verify"]}
+    assert sandbox.broken_routes == {"verify", "refund"}
+    assert_edge_404(verify(sandbox, "x"))
+    replaced = call(sandbox, faults, {"broken_routes": ["checkout"]}, headers={})
+    assert replaced.json()["broken_routes"] == ["checkout"]
+    assert verify(sandbox, "x").status == 404
+    assert verify(sandbox, "x").headers["Content-Type"].startswith("application/json")
+    current = call(sandbox, faults, method="GET", headers={})
+    assert current.json() == {"status": "ok", "broken_routes": ["checkout"]}
+    cleared = call(sandbox, faults, {"broken_routes": []}, headers={})
+    assert cleared.json()["broken_routes"] == []
+    assert sandbox.broken_routes == set()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"broken_routes": ["verify", "collect"]}, {"broken_routes": "verify"}, {}, {"x": [1]}],
+)
+def test_faults_endpoint_rejects_bad_input(sandbox: Sandbox, payload: dict[str, Any]) -> None:
+    sandbox.broken_routes.add("checkout")
+    response = call(sandbox, "/__sandbox/faults", payload, headers={})
+    assert response.status == 400
+    assert sandbox.broken_routes == {"checkout"}
+
+
+def test_reset_keeps_broken_routes(sandbox: Sandbox) -> None:
+    sandbox.broken_routes.add("verify")
+    assert call(sandbox, "/__sandbox/reset", headers={}).status == 200
+    assert sandbox.broken_routes == {"verify"}

@@ -3,7 +3,10 @@
 It follows the documented Fatora v1 contract (see docs on the gateway) and fills the documented
 gaps with explicit, configurable choices: the decline shape (HTTP 200 ``FAILURE`` or a 4xx error),
 the error body (object or string) and the amount type (number or string). Card tokens carry
-*behaviours* so that tests can provoke declines, pending payments, timeouts and garbage bodies.
+*behaviours* so that tests can provoke declines, pending payments, timeouts, garbage bodies and
+the ambiguous answers a real gateway or its edge proxy gives (a 504 or a timeout for a charge
+that lands later, a verify that lags, undocumented success envelopes). ``broken_routes`` makes
+whole endpoints answer an edge's HTML 404.
 
 Nothing here does I/O: the ASGI app, the httpx transport and the server wrap it.
 """
@@ -15,6 +18,7 @@ import json
 import random
 import string
 import threading
+import time
 from base64 import b64encode
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,7 +53,45 @@ BEHAVIOURS: dict[str, str] = {
     "rate_limited_before_charge": "first collect: 429, nothing taken; later ones succeed",
     "garbled_after_charge": "takes the money, then answers HTTP 200 with truncated JSON",
     "html_after_charge": "takes the money, then answers HTTP 200 with an HTML page",
+    "edge_504_lands_later": (
+        "every collect: HTML 504 at once, nothing taken yet; the charge lands `land_delay_s` later"
+    ),
+    "timeout_lands_later": (
+        "every collect: no answer, nothing taken yet; the charge lands `land_delay_s` later"
+    ),
+    "verify_lags": "takes the money; verify says 404 until `verify_lag_s` after the charge",
+    "approved_shape": "takes the money, answers 200 SUCCESS with only result.status APPROVED",
+    "processing": 'takes the money, answers HTTP 200 {"status":"PROCESSING"}',
+    "error_envelope_after_charge": "takes the money, answers HTTP 200 with an E500 ERROR envelope",
+    "server_error_always": "every collect: 503, nothing taken",
+    "invalid_api_key_envelope": "HTTP 200 FAILURE with error 'Invalid API Key', nothing taken",
+    "merchant_token_expired": "HTTP 200 FAILURE 'Merchant token expired', nothing taken",
 }
+
+# Names accepted by ``broken_routes``, with the request paths each one covers.
+FAULTABLE_ROUTES: dict[str, tuple[str, ...]] = {
+    "checkout": ("/v1/payments/checkout",),
+    "collect-payment": ("/v1/payments/collect-payment",),
+    "verify": ("/v1/payments/verify",),
+    "refund": ("/v1/payments/refund", "/api/v1/payments/refund"),
+}
+_FAULTABLE_BY_PATH = {path: name for name, paths in FAULTABLE_ROUTES.items() for path in paths}
+
+# The gateway accepts these charges but records them only `land_delay_s` after the call.
+_LANDS_LATER = frozenset({"edge_504_lands_later", "timeout_lands_later"})
+
+# Successful charges answered in shapes the documentation never shows.
+_UNDOCUMENTED_SUCCESS: dict[str, dict[str, Any]] = {
+    "approved_shape": {"status": "SUCCESS", "result": {"status": "APPROVED"}},
+    "processing": {"status": "PROCESSING"},
+}
+
+# What nginx-style edges in front of the gateway send: HTML, whatever the client asked for.
+_EDGE_504_HTML = (
+    "<html><head><title>504 Gateway Time-out</title></head>"
+    "<body><center><h1>504 Gateway Time-out</h1></center></body></html>"
+)
+_EDGE_404_HTML = "<html><body><h1>404 Not Found</h1></body></html>"
 
 # Hosted-page test cards. Any other card number that passes the Luhn check behaves like the
 # first one; whatever the card, a CVV other than 123 is declined.
@@ -180,6 +222,21 @@ class _Payment:
     behaviour: str | None = None
     pending_left: int = 0
     refund: dict[str, Any] | None = None
+    # Monotonic time before which verify cannot find the payment (``verify_lags``).
+    visible_at: float | None = None
+
+
+@dataclass
+class _Landing:
+    """A collect the gateway has accepted but not yet recorded."""
+
+    due: float
+    token: _Token
+    card_token: str
+    order_id: str
+    amount: Decimal
+    currency: str
+    base: str
 
 
 class _RequestError(Exception):
@@ -271,8 +328,12 @@ class Sandbox:
         error_style: ErrorStyle = "object",
         amount_style: AmountStyle = "number",
         pending_verifies: int = 2,
+        land_delay_s: float = 1.0,
+        verify_lag_s: float = 1.0,
+        broken_routes: Iterable[str] = (),
         currencies: Iterable[str] | None = None,
         now: Callable[[], datetime] | None = None,
+        monotonic: Callable[[], float] | None = None,
         seed: int | None = None,
     ) -> None:
         if decline_style not in ("http200", "http4xx"):
@@ -283,6 +344,8 @@ class Sandbox:
             raise ValueError(f"unknown amount_style {amount_style!r}")
         if pending_verifies < 0:
             raise ValueError("pending_verifies must be >= 0")
+        if land_delay_s < 0 or verify_lag_s < 0:
+            raise ValueError("land_delay_s and verify_lag_s must be >= 0")
         self.api_key = api_key
         self.inactive_api_keys = frozenset(inactive_api_keys)
         self.mode = mode
@@ -290,12 +353,18 @@ class Sandbox:
         self.error_style: ErrorStyle = error_style
         self.amount_style: AmountStyle = amount_style
         self.pending_verifies = pending_verifies
+        # Real (monotonic) seconds, not the injectable ``now``: a late landing models the
+        # gateway catching up while the caller waits, which a frozen test clock would never see.
+        self.land_delay_s = land_delay_s
+        self.verify_lag_s = verify_lag_s
+        self.broken_routes: set[str] = _route_names(broken_routes)
         # None: any ISO 4217 code Babel knows (real merchants must ask for each currency).
         self.currencies = (
             frozenset(c.upper() for c in currencies) if currencies is not None else None
         )
         self._known_currencies = frozenset(list_currencies())
         self._now = now or _system_now
+        self._monotonic = monotonic or time.monotonic
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._payments: list[_Payment] = []
@@ -305,6 +374,7 @@ class Sandbox:
         self._tokens: dict[str, _Token] = {}
         self._transaction_ids: set[str] = set()
         self._seq = 0
+        self._landings: list[_Landing] = []
 
     # ----------------------------------------------------------------------------- public API
 
@@ -322,6 +392,7 @@ class Sandbox:
         base = base_url_for_links.rstrip("/")
         route = "/" + path.strip("/").lower()
         with self._lock:
+            self._land_due()
             try:
                 return self._dispatch(route, request, base)
             except _RequestError as exc:
@@ -365,10 +436,11 @@ class Sandbox:
     def charges(self) -> list[dict[str, Any]]:
         """Every payment with a transaction (collect attempts and paid checkouts), oldest first."""
         with self._lock:
+            self._land_due()
             return [self._charge_view(p) for p in self._payments if p.transaction_id is not None]
 
     def reset(self) -> None:
-        """Forget every payment and token."""
+        """Forget every payment, token and charge still to land (``broken_routes`` stays)."""
         with self._lock:
             self._reset_locked()
 
@@ -377,10 +449,34 @@ class Sandbox:
         self._by_payment_id.clear()
         self._by_order_id.clear()
         self._tokens.clear()
+        self._landings.clear()
+
+    def _land_due(self) -> None:
+        """Record the deferred charges whose time has come, in the order they were due."""
+        if not self._landings:
+            return
+        now = self._monotonic()
+        due = [landing for landing in self._landings if landing.due <= now]
+        if not due:
+            return
+        self._landings = [landing for landing in self._landings if landing.due > now]
+        for landing in sorted(due, key=lambda item: item.due):
+            payment = self._record_collect(
+                landing.token,
+                landing.card_token,
+                landing.order_id,
+                landing.amount,
+                landing.currency,
+                landing.base,
+            )
+            self._approve(payment)
 
     # ------------------------------------------------------------------------------- routing
 
     def _dispatch(self, route: str, request: _Request, base: str) -> SandboxResponse:
+        # An edge with a broken upstream answers before the gateway sees the request.
+        if _FAULTABLE_BY_PATH.get(route) in self.broken_routes:
+            return self._html(404, _EDGE_404_HTML)
         api_routes: dict[str, Callable[[dict[str, Any], str], SandboxResponse]] = {
             "/v1/payments/checkout": self._checkout,
             "/v1/payments/collect-payment": self._collect,
@@ -477,30 +573,35 @@ class Sandbox:
         currency = self._currency(raw_currency or (token.currency if token else "QAR"))
         amount = self._amount(payload["amount"], currency)
 
-        if token is not None and token.behaviour in (
-            "server_error_before_charge",
-            "rate_limited_before_charge",
-        ):
-            first = token.collects == 0
+        if token is not None:
             token.collects += 1
-            if first and token.behaviour == "server_error_before_charge":
-                return self._error(503, "503", "Service Unavailable")
-            if first:
-                response = self._error(429, "429", "Too Many Requests")
-                response.headers["Retry-After"] = "1"
-                return response
-        elif token is not None:
-            token.collects += 1
+            refusal = self._refusal_before_charge(token)
+            if refusal is not None:
+                return refusal
+            # A dead token is declined at once, like any other; only a live one is deferred.
+            if token.behaviour in _LANDS_LATER and self._token_live(token):
+                self._landings.append(
+                    _Landing(
+                        due=self._monotonic() + self.land_delay_s,
+                        token=token,
+                        card_token=card_token,
+                        order_id=order_id,
+                        amount=amount,
+                        currency=currency,
+                        base=base,
+                    )
+                )
+                edge_timeout = self._html(504, _EDGE_504_HTML)
+                if token.behaviour == "timeout_lands_later":
+                    # Should a served client wait out the hang, the edge gives up with the 504.
+                    return SandboxResponse(
+                        edge_timeout.status, edge_timeout.headers, edge_timeout.body, hang=True
+                    )
+                return edge_timeout
 
-        payment = self._new_payment("collect", order_id, amount, currency)
-        payment.transaction_id = self._transaction_id()
-        payment.card_token = card_token
-        payment.links_base = base
+        payment = self._record_collect(token, card_token, order_id, amount, currency, base)
         if token is None:
             return self._decline(payment, "unknown_token")
-        payment.behaviour = token.behaviour
-        payment.client = dict(token.client)
-        payment.card_type, payment.last4 = token.card_type, token.last4
         if token.deactivated:
             return self._decline(payment, "deactivated")
         if self._now() >= token.expires_at:
@@ -523,12 +624,48 @@ class Sandbox:
             return SandboxResponse(200, response.headers, response.body[: len(response.body) // 2])
         if token.behaviour == "html_after_charge":
             return self._html(200, "<html><body><h1>Service Temporarily Unavailable</h1>")
+        if token.behaviour == "verify_lags":
+            payment.visible_at = self._monotonic() + self.verify_lag_s
+        if token.behaviour in _UNDOCUMENTED_SUCCESS:
+            return self._json(200, _UNDOCUMENTED_SUCCESS[token.behaviour])
+        if token.behaviour == "error_envelope_after_charge":
+            # No decline words on purpose: a client must not read this as "not charged".
+            return self._error(200, "E500", "Unexpected error, please contact support")
         return response
+
+    def _refusal_before_charge(self, token: _Token) -> SandboxResponse | None:
+        """The answer to a collect the gateway turns away before touching the card, if any."""
+        behaviour = token.behaviour
+        first = token.collects == 1
+        if behaviour == "server_error_always" or (
+            first and behaviour == "server_error_before_charge"
+        ):
+            return self._error(503, "503", "Service Unavailable")
+        if first and behaviour == "rate_limited_before_charge":
+            response = self._error(429, "429", "Too Many Requests")
+            response.headers["Retry-After"] = "1"
+            return response
+        if behaviour == "invalid_api_key_envelope":
+            # The Authorize endpoint's string error, but under FAILURE and with HTTP 200.
+            return self._json(200, {"status": "FAILURE", "error": "Invalid API Key"})
+        if behaviour == "merchant_token_expired":
+            # A merchant-side failure: no payment exists, so verify keeps answering 404.
+            result = {"payment_status": "FAILURE", "description": "Merchant token expired"}
+            return self._json(200, {"status": "FAILURE", "result": result})
+        return None
+
+    def _token_live(self, token: _Token) -> bool:
+        return not token.deactivated and self._now() < token.expires_at
 
     def _verify(self, payload: dict[str, Any], base: str) -> SandboxResponse:
         order_id = _required_text(payload, "order_id")
         transaction_id = _optional_text(payload, "transaction_id")
-        matches = self._by_order_id.get(order_id, [])
+        now = self._monotonic()
+        matches = [
+            p
+            for p in self._by_order_id.get(order_id, [])
+            if p.visible_at is None or p.visible_at <= now
+        ]
         if transaction_id:
             matches = [p for p in matches if p.transaction_id == transaction_id]
         if not matches:
@@ -685,13 +822,22 @@ class Sandbox:
         if route == "/__sandbox/reset" and request.method == "POST":
             self._reset_locked()
             return self._json(200, {"status": "ok"})
-        if route == "/__sandbox/tokens" and request.method == "POST":
+        if route == "/__sandbox/faults" and request.method == "GET":
+            return self._faults_view()
+        if route == "/__sandbox/faults" and request.method == "POST":
+            names = _helper_payload(request).get("broken_routes")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise _RequestError(400, "broken_routes must be a list of route names")
             try:
-                payload = json.loads(request.body or b"{}")
-            except ValueError:
-                raise _RequestError(415, "The body is not JSON") from None
-            if not isinstance(payload, dict):
-                raise _RequestError(400, "The body must be a JSON object")
+                routes = _route_names(names)
+            except ValueError as exc:
+                raise _RequestError(400, str(exc)) from None
+            # In place: whoever holds ``sandbox.broken_routes`` sees the change.
+            self.broken_routes.clear()
+            self.broken_routes.update(routes)
+            return self._faults_view()
+        if route == "/__sandbox/tokens" and request.method == "POST":
+            payload = _helper_payload(request)
             behaviour = payload.get("behaviour", "success")
             if behaviour not in BEHAVIOURS:
                 raise _RequestError(400, f"Unknown behaviour; known: {', '.join(BEHAVIOURS)}")
@@ -716,6 +862,9 @@ class Sandbox:
             )
         raise _RequestError(404, "Not Found")
 
+    def _faults_view(self) -> SandboxResponse:
+        return self._json(200, {"status": "ok", "broken_routes": sorted(self.broken_routes)})
+
     # ------------------------------------------------------------------------------ records
 
     def _new_payment(
@@ -735,6 +884,26 @@ class Sandbox:
         self._payments.append(payment)
         self._by_payment_id[payment_id] = payment
         self._by_order_id.setdefault(order_id, []).append(payment)
+        return payment
+
+    def _record_collect(
+        self,
+        token: _Token | None,
+        card_token: str,
+        order_id: str,
+        amount: Decimal,
+        currency: str,
+        base: str,
+    ) -> _Payment:
+        """A collect payment with a transaction id, still PENDING: the caller settles it."""
+        payment = self._new_payment("collect", order_id, amount, currency)
+        payment.transaction_id = self._transaction_id()
+        payment.card_token = card_token
+        payment.links_base = base
+        if token is not None:
+            payment.behaviour = token.behaviour
+            payment.client = dict(token.client)
+            payment.card_type, payment.last4 = token.card_type, token.last4
         return payment
 
     def _new_token(
@@ -914,6 +1083,25 @@ class Sandbox:
         return SandboxResponse(
             status, {"Content-Type": "text/html; charset=utf-8"}, text.encode("utf-8")
         )
+
+
+def _route_names(names: Iterable[str]) -> set[str]:
+    wanted = set(names)
+    unknown = sorted(wanted - FAULTABLE_ROUTES.keys())
+    if unknown:
+        known = ", ".join(FAULTABLE_ROUTES)
+        raise ValueError(f"unknown route {', '.join(unknown)}; known: {known}")
+    return wanted
+
+
+def _helper_payload(request: _Request) -> dict[str, Any]:
+    try:
+        payload = json.loads(request.body or b"{}")
+    except ValueError:
+        raise _RequestError(415, "The body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise _RequestError(400, "The body must be a JSON object")
+    return payload
 
 
 def _accepts_json(accept: str) -> bool:
