@@ -4,21 +4,29 @@ Every amount in the system is a ``Decimal`` in the currency's major unit (``Deci
 QAR, ``Decimal("1.250")`` KWD). Floats are refused with ``TypeError`` wherever they could enter,
 because a binary float cannot represent most decimal amounts exactly.
 
-The number of decimals per currency (the *exponent*) comes from Babel's CLDR data, so QAR and SAR
-have 2, KWD, BHD, JOD and OMR have 3, and JPY has 0.
+The number of decimals per currency (the *exponent*) is ISO 4217's minor unit, which card networks
+and the gateway follow: QAR and SAR have 2, KWD, BHD, JOD, OMR and IQD have 3, and JPY has 0.
+:func:`currency_exponent` is the one place that says so; everything else (storage in minor units,
+parsing plans, the amounts sent to Fatora) asks it. It takes Babel's CLDR data, except where CLDR's
+display digits differ from ISO 4217 (:data:`ISO_4217_MINOR_UNITS`).
 
 There is exactly one rounding rule, :data:`ROUNDING` (half up), applied by :func:`quantize`.
 """
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 from functools import cache
+from types import MappingProxyType
 
-from babel.numbers import format_currency, get_currency_precision, list_currencies
+from babel import Locale
+from babel.numbers import get_currency_precision, list_currencies
 
 __all__ = [
+    "ISO_4217_MINOR_UNITS",
     "ROUNDING",
     "UnknownCurrency",
     "currency_exponent",
@@ -40,6 +48,11 @@ ROUNDING = ROUND_HALF_UP
 # none of which belong in a plans file or an API payload.
 _AMOUNT_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.([0-9]+))?")
 _CODE_RE = re.compile(r"[A-Z]{3}")
+
+# ISO 4217 minor units where CLDR (Babel's source) gives other display digits: CLDR says 0 for
+# IQD, ISO 4217 says 3, and card networks and the gateway follow ISO. A charge must allow what the
+# gateway allows, and an amount must mean the same in a plan, in storage and on the wire.
+ISO_4217_MINOR_UNITS: Mapping[str, int] = MappingProxyType({"IQD": 3})
 
 # Enough digits for any real amount; quantize() turns anything larger into a ValueError.
 _PRECISION = 34
@@ -69,8 +82,14 @@ def normalize_currency(code: str) -> str:
 
 
 def currency_exponent(code: str) -> int:
-    """Number of decimals in the currency's minor unit (QAR 2, KWD 3, JPY 0)."""
-    return int(get_currency_precision(normalize_currency(code)))
+    """Number of decimals in the currency's ISO 4217 minor unit (QAR 2, KWD 3, IQD 3, JPY 0).
+
+    The one source of the number of decimals: ``billing.fatora.amounts`` uses it too.
+    """
+    upper = normalize_currency(code)
+    if upper in ISO_4217_MINOR_UNITS:
+        return ISO_4217_MINOR_UNITS[upper]
+    return int(get_currency_precision(upper))
 
 
 def _reject_non_decimal(amount: object) -> Decimal:
@@ -147,8 +166,12 @@ def parse_amount(text: str, currency: str) -> Decimal:
 def format_money(amount: Decimal | int, currency: str, locale: str = "en") -> str:
     """Human-readable amount for emails and dashboards, e.g. ``QAR50.00`` in ``en``."""
     code = normalize_currency(currency)
-    # Quantize with our rule first so the text never disagrees with the amount charged.
-    return str(format_currency(quantize(amount, code), code, locale=locale))
+    exponent = currency_exponent(code)
+    # Quantize with our rule first so the text never disagrees with the amount charged, and show
+    # exactly our decimals: Babel's own would be CLDR's, which for IQD hide the fils.
+    pattern = copy.copy(Locale.parse(locale).currency_formats["standard"])
+    pattern.frac_prec = (exponent, exponent)
+    return str(pattern.apply(quantize(amount, code), locale, currency=code, currency_digits=False))
 
 
 def to_minor(amount: Decimal, currency: str) -> int:

@@ -6,36 +6,20 @@ charge are real money.
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal, InvalidOperation
-from functools import cache
 
-from babel.numbers import get_currency_precision, list_currencies
+from billing.money import currency_exponent
 
 __all__ = ["currency_precision", "format_amount"]
 
-# CLDR (Babel's source) gives IQD 0 digits for display, while ISO 4217, which card networks
-# follow, gives it 3. A charge must allow what the gateway allows, so ISO wins here.
-_ISO_MINOR_UNITS_OVERRIDES = {"IQD": 3}
-
-_CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
-
-
-@cache
-def _known_currencies() -> frozenset[str]:
-    return frozenset(str(c) for c in list_currencies())
-
 
 def currency_precision(currency: str) -> int:
-    """Number of decimals of an ISO 4217 currency code; ValueError for an unknown code."""
-    if not _CURRENCY_RE.fullmatch(currency):
-        raise ValueError(f"not an ISO 4217 currency code: {currency!r}")
-    code = currency.upper()
-    if code not in _known_currencies():
-        raise ValueError(f"unknown currency: {code}")
-    if code in _ISO_MINOR_UNITS_OVERRIDES:
-        return _ISO_MINOR_UNITS_OVERRIDES[code]
-    return int(get_currency_precision(code))
+    """Number of decimals of an ISO 4217 currency code; ValueError for an unknown code.
+
+    Not a table of its own: the domain's :func:`billing.money.currency_exponent` decides (ISO 4217
+    minor units, so IQD has 3), so an amount means the same in a plan, in storage and on the wire.
+    """
+    return currency_exponent(currency)
 
 
 def format_amount(amount: Decimal, currency: str) -> str:

@@ -55,3 +55,36 @@ def test_migrations_match_models_on_postgresql(scratch_pg: str) -> None:
 def test_migrations_match_models_on_sqlite(tmp_path: Path) -> None:
     """The embedded default gets the same schema from the same migrations."""
     _check_round_trip(f"sqlite:///{tmp_path / 'm.sqlite3'}")
+
+
+def test_iqd_amounts_move_to_three_decimals(scratch_pg: str) -> None:
+    """No amount changes value in an upgrade: 12 dinars stored with 0 decimals (12) are 12000
+    thousandths after it, not 0.012 IQD; other currencies are left alone."""
+    upgrade(scratch_pg, "0002")
+    engine = create_engine(scratch_pg)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO dunning_policies (code, retry_after_days, final_action) "
+                "VALUES ('std', '[1]', 'cancel')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO plans (id, code, name, currency, interval, interval_count, "
+                "trial_days, dunning_code, created_at, updated_at) VALUES "
+                "(1, 'p', 'P', 'IQD', 'month', 1, 0, 'std', now(), now()), "
+                "(2, 'q', 'Q', 'QAR', 'month', 1, 0, 'std', now(), now())"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO plan_prices (plan_id, amount_minor, currency, effective_from) "
+                "VALUES (1, 12, 'IQD', now()), (2, 5000, 'QAR', now())"
+            )
+        )
+    upgrade(scratch_pg)
+    with engine.connect() as conn:
+        amounts = dict(conn.execute(text("SELECT currency, amount_minor FROM plan_prices")).all())
+    engine.dispose()
+    assert amounts == {"IQD": 12000, "QAR": 5000}

@@ -22,11 +22,52 @@ from billing.money import (
 
 @pytest.mark.parametrize(
     ("code", "exponent"),
-    [("QAR", 2), ("SAR", 2), ("KWD", 3), ("BHD", 3), ("JOD", 3), ("OMR", 3), ("JPY", 0)],
+    [
+        ("QAR", 2),
+        ("SAR", 2),
+        ("KWD", 3),
+        ("BHD", 3),
+        ("JOD", 3),
+        ("OMR", 3),
+        ("IQD", 3),
+        ("JPY", 0),
+    ],
 )
-def test_currency_exponent_comes_from_babel(code: str, exponent: int) -> None:
-    """Each currency has its own number of decimals (DESIGN invariant 5)."""
+def test_currency_exponent_is_the_iso_4217_minor_unit(code: str, exponent: int) -> None:
+    """Each currency has its own number of decimals (DESIGN invariant 5): ISO 4217's minor unit,
+    which card networks follow, even where Babel's CLDR display digits differ (IQD: 0 there)."""
     assert currency_exponent(code) == exponent
+
+
+def test_iqd_has_three_decimals_everywhere_in_the_domain() -> None:
+    """One IQD amount means the same when parsed, stored in minor units and shown: 1.250 IQD is
+    1250 fils, never 1 dinar (rounded) nor refused as having too many decimals."""
+    amount = parse_amount("1.250", "IQD")
+    assert str(amount) == "1.250"
+    assert to_minor(amount, "IQD") == 1250
+    assert from_minor(1250, "IQD") == amount
+    assert format_money(amount, "IQD") == "IQD1.250"
+    with pytest.raises(ValueError, match="has 4 decimals but IQD allows 3"):
+        parse_amount("1.2500", "IQD")
+
+
+def test_the_gateway_layer_and_the_sandbox_use_the_domain_decimals() -> None:
+    """One source of truth for the number of decimals: for every currency Babel knows, the amounts
+    sent to Fatora (``billing.fatora.amounts``) and the amounts the sandbox accepts have exactly
+    the domain's decimals, so what a plan says is what storage holds and what is charged."""
+    from babel.numbers import list_currencies
+
+    from billing.fatora import amounts
+    from billing.fatora.sandbox import core
+
+    disagreements = {
+        code: (currency_exponent(code), amounts.currency_precision(code))
+        for code in sorted(list_currencies())
+        if currency_exponent(code) != amounts.currency_precision(code)
+        or currency_exponent(code) != core.currency_precision(code)
+    }
+    assert disagreements == {}
+    assert amounts.format_amount(from_minor(1250, "IQD"), "IQD") == "1.250"
 
 
 def test_currency_code_is_case_insensitive() -> None:
@@ -178,6 +219,7 @@ def test_format_money_is_for_humans() -> None:
     assert format_money(Decimal("1234.5"), "QAR") == "QAR1,234.50"
     assert format_money(Decimal("1.25"), "KWD").endswith("1.250")
     assert format_money(Decimal("2.345"), "QAR") == "QAR2.35"  # the same rounding as charging
+    assert format_money(Decimal("1000"), "JPY") == "¥1,000"
 
 
 def test_format_money_rejects_float() -> None:

@@ -116,6 +116,18 @@ def test_currency_is_normalized_and_amount_padded() -> None:
     assert (plan.currency, str(plan.amount)) == ("KWD", "2.000")
 
 
+def test_iqd_amounts_have_three_decimals() -> None:
+    """A plan in IQD takes ISO 4217's three decimals (fils), as the gateway does: "12.500" is
+    accepted as written and "12.5" padded, never refused or rounded to whole dinars."""
+    for written in ('"12.500"', '"12.5"'):
+        plan = parse_plans(plan_with(currency='"IQD"', amount=written), "p.toml").plans[
+            "basic-monthly"
+        ]
+        assert (plan.currency, str(plan.amount)) == ("IQD", "12.500")
+    with pytest.raises(PlansFileError, match="has 4 decimals but IQD allows 3"):
+        parse_plans(plan_with(currency='"IQD"', amount='"12.5001"'), "p.toml")
+
+
 def test_custom_dunning_policy() -> None:
     """A plan can refer to a policy the file defines, with any final action."""
     text = plan_with(dunning='"gentle"') + (
