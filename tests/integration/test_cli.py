@@ -149,6 +149,93 @@ def test_customer_card_subscription_and_the_token_is_not_readable_at_rest(cli_en
     assert "Ab+/Cd" not in run("subscriptions", "show", str(sub["id"]), "--json")
 
 
+def _add_customer(external_id: str = "C1") -> None:
+    run(
+        "customers",
+        "add",
+        "--external-id",
+        external_id,
+        "--name",
+        "Amal",
+        "--email",
+        "amal@example.com",
+        "--timezone",
+        "Asia/Qatar",
+    )
+
+
+def _stored_tokens(url: str) -> list[str]:
+    """The card tokens in the database, decrypted with the key the CLI used."""
+    from billing.crypto import vault_from_settings
+
+    vault = vault_from_settings()
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT ciphertext FROM card_tokens ORDER BY id")).all()
+    engine.dispose()
+    return [vault.decrypt(bytes(row[0])) for row in rows]
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("error: ") and "Traceback" not in output
+    return lines[0]
+
+
+def test_a_card_token_written_on_the_command_line_is_refused_and_never_echoed(
+    cli_env: str,
+) -> None:
+    """A token never sits in the process list or the shell history: `--token VALUE` is refused
+    before anything is stored, with one line that says how to pass it (stdin, a file or an
+    environment variable) and does not repeat the value."""
+    _add_customer()
+    for args in (("--token", TOKEN), (f"--token={TOKEN}",), ("--token", "tok_live_123")):
+        output = run("cards", "add", "--customer", "C1", *args, ok=False)
+        line = _one_error_line(output)
+        assert "command line" in line
+        for way in ("--token -", "--token-file PATH", "--token-env NAME"):
+            assert way in line
+        assert TOKEN not in output and "Ab+/Cd" not in output and "tok_live_123" not in output
+    assert _stored_tokens(cli_env) == []
+
+
+def test_a_card_token_is_read_from_stdin_a_file_or_an_environment_variable(
+    cli_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three ways in store exactly the token given (a file's trailing newline is not part of
+    it), and giving none or two of them is one clear error line."""
+    _add_customer()
+    from_stdin, from_file, from_env = TOKEN + "s", TOKEN + "f", TOKEN + "e"
+    run("cards", "add", "--customer", "C1", "--token", "-", input=from_stdin + "\n")
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(from_file + "\n")
+    run("cards", "add", "--customer", "C1", "--token-file", str(token_file))
+    monkeypatch.setenv("MY_CARD_TOKEN", from_env)
+    run("cards", "add", "--customer", "C1", "--token-env", "MY_CARD_TOKEN")
+    assert _stored_tokens(cli_env) == [from_stdin, from_file, from_env]
+
+    line = _one_error_line(run("cards", "add", "--customer", "C1", ok=False))
+    assert "missing" in line and "--token-file PATH" in line
+    both = ("--token-file", str(token_file), "--token-env", "MY_CARD_TOKEN")
+    line = _one_error_line(run("cards", "add", "--customer", "C1", *both, ok=False))
+    assert "one way only" in line
+
+
+def test_token_source_errors_never_repeat_what_was_given(cli_env: str, tmp_path: Path) -> None:
+    """A token pasted where a file name or a variable name belongs is not echoed back either."""
+    _add_customer()
+    for args in (
+        ("--token-file", str(tmp_path / TOKEN)),
+        ("--token-env", TOKEN),
+        ("--token-env", "UNSET_CARD_TOKEN_VARIABLE"),
+    ):
+        output = run("cards", "add", "--customer", "C1", *args, ok=False)
+        _one_error_line(output)
+        assert args[1] not in output and "Ab+/Cd" not in output
+    assert _stored_tokens(cli_env) == []
+
+
 def test_errors_are_one_line_never_a_traceback(cli_env: str) -> None:
     output = run("subscriptions", "create", "--customer", "nobody", "--plan", "x", ok=False)
     assert "no customer with external id 'nobody'" in output
