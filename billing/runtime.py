@@ -20,13 +20,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.clock import Clock, clock_for
 from billing.config import GatewayMode, get_fatora_settings, get_settings
 from billing.crypto import TokenVault, vault_from_settings
-from billing.db import get_engine, session_factory
+from billing.db import get_engine, normalize_url, session_factory
 from billing.fatora.client import FatoraClient
 from billing.fatora.sandbox import Sandbox, SandboxTransport
 from billing.locks import InvoiceLocker, locker_for
 
 # FATORA_BASE_URL=sandbox://embedded runs the gateway sandbox inside this process.
 EMBEDDED_SANDBOX_URL = "sandbox://embedded"
+
+# The broker that runs tasks in the calling process (the embedded default): no other worker.
+MEMORY_BROKER_PREFIX = "memory://"
 
 
 @dataclass
@@ -37,8 +40,8 @@ class Runtime:
     gateway: FatoraClient
     locker: InvoiceLocker
     live_gateway: bool
-    # A 'not found' after a call that got no answer is trusted only after this much real time.
-    unknown_grace: timedelta = timedelta(minutes=5)
+    # A 'not found' after a call without a clear answer is trusted only this long after the send.
+    unknown_grace: timedelta = timedelta(hours=6)
     charge_concurrency: int = 25
     charge_batch_size: int = 100
     renewal_batch_size: int = 500
@@ -123,6 +126,46 @@ def build_runtime(database_url: str | None = None) -> Runtime:
         charge_concurrency=settings.charge_concurrency,
         charge_batch_size=settings.charge_batch_size,
         renewal_batch_size=settings.renewal_batch_size,
+    )
+
+
+# Celery pools that run every task inside the worker's own process; any other pool (prefork, or
+# one we do not know) may run tasks in several processes.
+ONE_PROCESS_POOLS = frozenset({"solo", "threads", "gevent", "eventlet"})
+
+
+def unlocked_worker_problem(
+    *,
+    database_url: str,
+    broker_url: str,
+    pool: str,
+    concurrency: int | None,
+    autoscale_max: int | None = None,
+) -> str | None:
+    """Why a Celery worker set up this way could charge an invoice twice, or ``None`` if it cannot.
+
+    On SQLite the invoice lock is process-local (``billing.locks.LocalLocker``): it keeps the
+    tasks of one process apart, but nothing keeps two processes from collecting the same invoice.
+    So on SQLite a worker must not run tasks in more than one process, unless the broker is
+    ``memory://`` (tasks run in the process that sends them, no worker shares them). ``pool`` is
+    Celery's pool name (``prefork``, ``solo``, ``threads``...); ``concurrency`` its number of
+    processes or threads, ``None`` while Celery has yet to size it (``--concurrency auto``);
+    ``autoscale_max`` the upper bound of ``--autoscale``.
+    """
+    if not normalize_url(database_url).startswith("sqlite"):
+        return None  # PostgreSQL: advisory locks hold across processes and hosts
+    if broker_url.startswith(MEMORY_BROKER_PREFIX) or pool in ONE_PROCESS_POOLS:
+        return None
+    processes = max(concurrency or 0, autoscale_max or 0)
+    if concurrency is not None and processes <= 1:
+        return None
+    how_many = "one per CPU" if concurrency is None else str(processes)
+    return (
+        f"refusing to start: this worker would run tasks in several processes ({pool} pool, "
+        f"{how_many}) on SQLite with a {broker_url.split(':', 1)[0]} broker, and SQLite's invoice "
+        "lock holds only within one process, so two of them could charge the same invoice twice. "
+        "Use PostgreSQL (BILLING_DATABASE_URL=postgresql://...), or start a single worker with "
+        "--concurrency 1 or --pool solo."
     )
 
 

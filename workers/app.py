@@ -5,14 +5,21 @@ without ``-Q`` consumes all of them, production runs a worker per queue. Tasks a
 late and handed to another worker if theirs dies; the Redis visibility timeout is longer than
 any charge task can take, so a slow task is never delivered twice while it still runs.
 ``BILLING_BROKER_URL=memory://`` runs tasks in the calling process (the embedded default).
+
+A worker refuses to start on SQLite with a real broker and more than one pool process: SQLite's
+invoice lock is process-local (see ``billing.runtime.unlocked_worker_problem``).
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery, signals
 from kombu.entity import Queue
 
 from billing.config import get_settings
+from billing.runtime import unlocked_worker_problem
 from schedules.beat import BEAT_SCHEDULE
 
 # Longer than the slowest charge task: a batch of 100 invoices at 25 at a time, each with a
@@ -56,6 +63,52 @@ def make_app() -> Celery:
         task_eager_propagates=embedded,
     )
     return app
+
+
+def pool_name(pool: object) -> str:
+    """Celery's name for a worker pool given as an alias (``"prefork"``) or as its class."""
+    if isinstance(pool, str):
+        name = pool.lower()
+    else:
+        module = getattr(pool, "__module__", "") or ""
+        name = module.rsplit(".", 1)[-1] if module.startswith("celery.concurrency.") else module
+    return {"processes": "prefork", "thread": "threads"}.get(name, name or repr(pool))
+
+
+def _autoscale_max(autoscale: object) -> int | None:
+    """The upper bound of ``--autoscale MAX[,MIN]``, given as text or as a pair."""
+    if not autoscale:
+        return None
+    if isinstance(autoscale, str):
+        autoscale = autoscale.split(",")
+    if isinstance(autoscale, Sequence):
+        return int(autoscale[0])
+    return None
+
+
+def worker_problem(worker: Any) -> str | None:
+    """What ``unlocked_worker_problem`` says of a worker being set up (Celery's WorkController)."""
+    concurrency = worker.concurrency
+    return unlocked_worker_problem(
+        database_url=get_settings().database_url,
+        broker_url=str(worker.app.conf.broker_url or get_settings().broker_url),
+        pool=pool_name(worker.pool_cls),
+        concurrency=concurrency if isinstance(concurrency, int) else None,
+        autoscale_max=_autoscale_max((getattr(worker, "options", None) or {}).get("autoscale")),
+    )
+
+
+@signals.worker_init.connect
+def refuse_unlocked_workers(sender: Any = None, **_: Any) -> None:
+    """Stop a worker before its pool starts when it could charge an invoice twice.
+
+    ``worker_init`` comes once the pool and its concurrency are known and before any process is
+    forked or any broker connection made. A handler's exception would only be logged by Celery,
+    so the refusal is a ``SystemExit``: one line on standard error and exit status 1.
+    """
+    problem = worker_problem(sender)
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
 
 
 app = make_app()
