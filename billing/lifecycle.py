@@ -4,16 +4,46 @@ Each machine is one explicit table, ``(status, event) -> new status``, and nothi
 status: a pair missing from the table raises :class:`IllegalTransition`. Tests enumerate the
 tables, so adding an edge is a one-line, reviewed change.
 
-Subscription statuses::
+Subscription statuses: every edge of :data:`SUBSCRIPTION_TRANSITIONS`, and nothing else (a test
+reads these lines back and compares them with the table; ``unchanged`` keeps the status)::
 
-    trialing --payment_succeeded--> active      (the first charge after the trial)
-    trialing --payment_failed-----> past_due
-    active   --payment_failed-----> past_due    (dunning starts)
-    past_due --payment_succeeded--> active
-    past_due --dunning_exhausted_{cancel,unpaid,pause}--> canceled | unpaid | paused
-    unpaid, paused --payment_succeeded--> active (the customer paid the open invoice)
-    active, past_due --pause--> paused --resume--> active
-    any but canceled --cancel--> canceled       (immediately; canceled is terminal)
+    trialing, active, past_due, unpaid          --payment_succeeded-->             active
+    paused                                      --payment_succeeded-->             unchanged
+    trialing, active, past_due                  --payment_failed-->                past_due
+    unpaid, paused                              --payment_failed-->                unchanged
+    past_due, unpaid, paused                    --dunning_exhausted_cancel-->      canceled
+    past_due                                    --dunning_exhausted_unpaid-->      unpaid
+    unpaid, paused                              --dunning_exhausted_unpaid-->      unchanged
+    past_due                                    --dunning_exhausted_pause-->       paused
+    unpaid, paused                              --dunning_exhausted_pause-->       unchanged
+    active, past_due                            --pause-->                         paused
+    paused                                      --resume-->                        active
+    trialing, active, past_due, unpaid, paused  --cancel-->                        canceled
+    trialing, active, past_due                  --cancel_at_period_end-->          unchanged
+    trialing, active, past_due                  --cancel_at_period_end_revoked-->  unchanged
+    trialing, active, past_due                  --period_ended_with_cancel-->      canceled
+
+Canceled is terminal: it takes no event at all.
+
+Unpaid and paused subscriptions are not renewed, but the invoices they already have stay open
+and keep their own dunning ladders: a pause stops new periods, not the collection of periods
+already billed, and an unpaid subscription may have a later invoice still on its ladder. So both
+charge outcomes and the end of a ladder reach them:
+
+* A payment makes trialing, past_due and unpaid active (an unpaid one's schedule goes on from its
+  last invoiced period). A paused one stays paused: only a resume restarts its billing, so
+  'active' never means 'not billed'.
+* A failure moves trialing and active to past_due (dunning starts). It leaves unpaid and paused
+  as they are: a failure neither restarts billing nor lifts a pause.
+* The end of a ladder applies the policy's final action to whatever status the subscription has
+  by then; it is never dropped. The failure that ends the ladder comes first, so that status is
+  past_due, unpaid or paused (trialing and active cannot take a final action; canceled takes
+  nothing, and its open invoices are voided instead of charged). ``cancel`` cancels from all
+  three: a pause does not shield a subscription from its policy, and canceling stops every
+  charge. ``unpaid`` and ``pause`` end past_due; on a subscription already unpaid or paused they
+  keep its status: it is already not renewed, and one invoice's end must not change how it
+  restarts (a merchant's pause is lifted by a resume and never by a payment; an unpaid
+  subscription restarts when paid). The invoice is written off either way.
 
 Cancelling at the end of the period is a flag, not a status: ``cancel_at_period_end`` sets it
 (status unchanged), ``cancel_at_period_end_revoked`` clears it, and the renewal that finds it set
@@ -51,8 +81,8 @@ class SubscriptionStatus(StrEnum):
     TRIALING = "trialing"
     ACTIVE = "active"
     PAST_DUE = "past_due"  # a charge was declined; the dunning ladder is running
-    UNPAID = "unpaid"  # dunning gave up; the invoice stays open, no more automatic charges
-    PAUSED = "paused"  # no renewals until resumed (by the merchant or by paying)
+    UNPAID = "unpaid"  # dunning gave up: no renewals until an open invoice is paid
+    PAUSED = "paused"  # no renewals until the merchant resumes it (a payment leaves it paused)
     CANCELED = "canceled"  # terminal
 
 
@@ -87,10 +117,10 @@ _E = SubscriptionEvent
 SUBSCRIPTION_TRANSITIONS: Mapping[tuple[SubscriptionStatus, SubscriptionEvent], SubscriptionStatus]
 SUBSCRIPTION_TRANSITIONS = MappingProxyType(
     {
-        # A charge outcome. A failure where dunning has already ended (unpaid, paused) is the
-        # customer's own attempt on the pay link: it changes nothing. A payment makes an unpaid
-        # subscription active again (its schedule goes on); a paused one stays paused, since
-        # only a resume restarts its billing: 'active' must never mean 'not billed'.
+        # A charge outcome (see the module docstring). On unpaid and paused it comes from an
+        # invoice issued before they stopped renewing: a failure changes nothing there, and a
+        # payment makes an unpaid subscription active again (its schedule goes on) but leaves a
+        # paused one paused, since only a resume restarts its billing.
         (_S.TRIALING, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
         (_S.ACTIVE, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
         (_S.PAST_DUE, _E.PAYMENT_SUCCEEDED): _S.ACTIVE,
@@ -101,10 +131,18 @@ SUBSCRIPTION_TRANSITIONS = MappingProxyType(
         (_S.PAST_DUE, _E.PAYMENT_FAILED): _S.PAST_DUE,
         (_S.UNPAID, _E.PAYMENT_FAILED): _S.UNPAID,
         (_S.PAUSED, _E.PAYMENT_FAILED): _S.PAUSED,
-        # The end of the dunning ladder: the policy's final action.
+        # The end of a dunning ladder: the policy's final action, on every status the failure
+        # that ends a ladder can leave (past_due, unpaid, paused). Cancel always cancels; unpaid
+        # and pause keep a subscription that is already unpaid or paused as it is.
         (_S.PAST_DUE, _E.DUNNING_EXHAUSTED_CANCEL): _S.CANCELED,
+        (_S.UNPAID, _E.DUNNING_EXHAUSTED_CANCEL): _S.CANCELED,
+        (_S.PAUSED, _E.DUNNING_EXHAUSTED_CANCEL): _S.CANCELED,
         (_S.PAST_DUE, _E.DUNNING_EXHAUSTED_UNPAID): _S.UNPAID,
+        (_S.UNPAID, _E.DUNNING_EXHAUSTED_UNPAID): _S.UNPAID,
+        (_S.PAUSED, _E.DUNNING_EXHAUSTED_UNPAID): _S.PAUSED,
         (_S.PAST_DUE, _E.DUNNING_EXHAUSTED_PAUSE): _S.PAUSED,
+        (_S.UNPAID, _E.DUNNING_EXHAUSTED_PAUSE): _S.UNPAID,
+        (_S.PAUSED, _E.DUNNING_EXHAUSTED_PAUSE): _S.PAUSED,
         # Merchant or customer actions.
         (_S.ACTIVE, _E.PAUSE): _S.PAUSED,
         (_S.PAST_DUE, _E.PAUSE): _S.PAUSED,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
+import billing.lifecycle
+from billing.dunning import FinalAction, final_action_event
 from billing.lifecycle import (
     INVOICE_TRANSITIONS,
     SUBSCRIPTION_TRANSITIONS,
@@ -38,8 +41,14 @@ EXPECTED_SUBSCRIPTION_EDGES = {
     (S.UNPAID, E.PAYMENT_FAILED): S.UNPAID,
     (S.PAUSED, E.PAYMENT_FAILED): S.PAUSED,
     (S.PAST_DUE, E.DUNNING_EXHAUSTED_CANCEL): S.CANCELED,
+    (S.UNPAID, E.DUNNING_EXHAUSTED_CANCEL): S.CANCELED,
+    (S.PAUSED, E.DUNNING_EXHAUSTED_CANCEL): S.CANCELED,
     (S.PAST_DUE, E.DUNNING_EXHAUSTED_UNPAID): S.UNPAID,
+    (S.UNPAID, E.DUNNING_EXHAUSTED_UNPAID): S.UNPAID,
+    (S.PAUSED, E.DUNNING_EXHAUSTED_UNPAID): S.PAUSED,
     (S.PAST_DUE, E.DUNNING_EXHAUSTED_PAUSE): S.PAUSED,
+    (S.UNPAID, E.DUNNING_EXHAUSTED_PAUSE): S.UNPAID,
+    (S.PAUSED, E.DUNNING_EXHAUSTED_PAUSE): S.PAUSED,
     (S.ACTIVE, E.PAUSE): S.PAUSED,
     (S.PAST_DUE, E.PAUSE): S.PAUSED,
     (S.PAUSED, E.RESUME): S.ACTIVE,
@@ -102,6 +111,85 @@ def test_every_status_is_reachable_and_every_event_used() -> None:
     """The enums hold no dead members: each status is a target and each event has an edge."""
     assert {target for target in SUBSCRIPTION_TRANSITIONS.values()} | {S.TRIALING} == set(S)
     assert {event for _, event in SUBSCRIPTION_TRANSITIONS} == set(E)
+
+
+# Not renewed any more, yet their open invoices are still charged on their dunning ladders.
+STOPPED = (S.UNPAID, S.PAUSED)
+
+
+@pytest.mark.parametrize("action", list(FinalAction))
+@pytest.mark.parametrize("status", [s for s in SubscriptionStatus if s is not S.CANCELED])
+def test_the_end_of_a_ladder_is_never_dropped(
+    status: SubscriptionStatus, action: FinalAction
+) -> None:
+    """Whatever status a subscription has while one of its invoices is dunned, the end of the
+    ladder (the failure, then the policy's final action, as dunning_flow applies them) is a
+    table edge, never an IllegalTransition that a caller could swallow: the final action on a
+    paused or unpaid subscription is not silently lost while its invoices keep being charged."""
+    after_failure = transition(status, E.PAYMENT_FAILED)
+    assert after_failure in (S.PAST_DUE, *STOPPED)
+    transition(after_failure, final_action_event(action))  # does not raise
+
+
+@pytest.mark.parametrize("status", [S.PAST_DUE, *STOPPED])
+def test_a_final_cancel_cancels_whatever_stopped_the_renewals(status: SubscriptionStatus) -> None:
+    """A pause (or an earlier 'unpaid') does not shield a subscription from a policy that ends in
+    cancel: the subscription is canceled, and canceled is what stops every further charge."""
+    assert transition(status, E.DUNNING_EXHAUSTED_CANCEL) is S.CANCELED
+
+
+@pytest.mark.parametrize("action", [FinalAction.UNPAID, FinalAction.PAUSE])
+@pytest.mark.parametrize("status", STOPPED)
+def test_unpaid_or_pause_keeps_a_stopped_subscription_as_it_is(
+    status: SubscriptionStatus, action: FinalAction
+) -> None:
+    """'Unpaid' or 'pause' at the end of a ladder keeps an already unpaid or paused subscription
+    in its status: it is already not renewed, and one invoice's end never changes how it
+    restarts (a merchant's pause is lifted only by a resume, an unpaid one restarts when paid)."""
+    assert transition(status, final_action_event(action)) is status
+
+
+@pytest.mark.parametrize("status", STOPPED)
+def test_a_failed_charge_leaves_a_stopped_subscription_as_it_is(status: SubscriptionStatus) -> None:
+    """A declined charge of an invoice issued before the subscription stopped renewing neither
+    restarts its billing (past_due would be renewed again) nor lifts a pause."""
+    assert transition(status, E.PAYMENT_FAILED) is status
+
+
+@pytest.mark.parametrize("event", [E.DUNNING_EXHAUSTED_CANCEL, E.DUNNING_EXHAUSTED_UNPAID])
+@pytest.mark.parametrize("status", [S.TRIALING, S.ACTIVE, S.CANCELED])
+def test_a_final_action_without_the_failure_first_is_refused(
+    status: SubscriptionStatus, event: SubscriptionEvent
+) -> None:
+    """The failure that ends a ladder always comes first, so a final action on trialing or active
+    means a caller skipped it; a canceled subscription takes nothing at all."""
+    with pytest.raises(IllegalTransition):
+        transition(status, event)
+
+
+_DIAGRAM_LINE = re.compile(
+    r"^ {4}(?P<sources>[a-z_]+(?:, [a-z_]+)*) +--(?P<event>[a-z_]+)--> +"
+    r"(?P<target>[a-z_]+)$"
+)
+
+
+def test_the_module_docstring_lists_exactly_the_table() -> None:
+    """The documented state machine is the one that runs: each diagram line of the module
+    docstring is read back, and together they are exactly SUBSCRIPTION_TRANSITIONS."""
+    doc = billing.lifecycle.__doc__
+    assert doc is not None
+    documented: dict[tuple[SubscriptionStatus, SubscriptionEvent], SubscriptionStatus] = {}
+    for line in doc.splitlines():
+        match = _DIAGRAM_LINE.match(line)
+        if match is None:
+            continue
+        event = SubscriptionEvent(match["event"])
+        for source in match["sources"].split(", "):
+            status = SubscriptionStatus(source)
+            assert (status, event) not in documented, f"documented twice: {source} {event}"
+            target = match["target"]
+            documented[status, event] = status if target == "unchanged" else S(target)
+    assert documented == dict(SUBSCRIPTION_TRANSITIONS)
 
 
 def test_cancel_at_period_end_never_changes_status() -> None:
