@@ -30,6 +30,7 @@ from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined
 import httpx
 
 from billing.fatora.amounts import format_amount
+from billing.fatora.answers import Answer
 from billing.fatora.errors import (
     FatoraError,
     GatewayConnectionError,
@@ -37,7 +38,7 @@ from billing.fatora.errors import (
     MalformedResponse,
     ModeMismatch,
     RequestRejected,
-    declined,
+    clip,
     error_from_response,
 )
 from billing.fatora.parsing import (
@@ -263,9 +264,9 @@ class FatoraClient:
     ) -> CollectResult:
         """Charge a stored card token. Settle only after ``verify`` confirms SUCCESS.
 
-        Raises HardDecline/SoftDecline for a decline (HTTP 200 FAILURE or a 4xx decline body)
-        and an OutcomeUnknown subclass whenever the charge may or may not have happened. A
-        PENDING answer is returned, not raised.
+        Any SUCCESS or PENDING envelope is returned (the gateway took the charge, whatever its
+        result says). Every other answer raises the error ``error_from_response`` maps it to;
+        its ``answer`` says what it means for money (``billing.fatora.answers``).
         """
         fields: dict[str, _Json] = {
             "card_token": _required(card_token, "card_token"),
@@ -276,10 +277,16 @@ class FatoraClient:
         with self._redacting(card_token):
             response = self._post("/payments/collect-payment", fields, order_id=order_id)
             envelope = self._envelope(response, charge=True, accept=_is_pending)
-            result = parse_collect(envelope, order_id=order_id)
+            try:
+                result = parse_collect(envelope, order_id=order_id)
+            except MalformedResponse:
+                # A SUCCESS (or PENDING) envelope means the gateway took the charge, whatever
+                # its undocumented result says: verify tells the rest.
+                pending = envelope.status_word == "PENDING"
+                result = CollectResult(
+                    status=PaymentStatus.PENDING if pending else None, order_id=order_id
+                )
             self._check_mode(result.mode)
-            if result.status is PaymentStatus.FAILURE:
-                raise declined(result.description, None, http_status=response.status_code)
             return result
 
     def verify(self, order_id: str, transaction_id: str | None = None) -> Payment:
@@ -363,17 +370,21 @@ class FatoraClient:
             return response
         except httpx.TimeoutException as exc:
             outcome = type(exc).__name__
-            raise GatewayTimeout(f"no answer in time ({type(exc).__name__})") from exc
+            raise GatewayTimeout(
+                f"no answer in time ({outcome})", answer=_transport_answer(exc)
+            ) from exc
         except httpx.DecodingError as exc:
             outcome = type(exc).__name__
             raise MalformedResponse("response could not be decoded") from exc
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
             # Raised before anything reaches the gateway: our configuration is wrong.
             outcome = type(exc).__name__
-            raise RequestRejected(f"request not sent ({type(exc).__name__})") from exc
+            raise RequestRejected(f"request not sent ({outcome})", answer=Answer.NOT_SENT) from exc
         except httpx.TransportError as exc:
             outcome = type(exc).__name__
-            raise GatewayConnectionError(f"connection failed ({type(exc).__name__})") from exc
+            raise GatewayConnectionError(
+                f"connection failed ({outcome})", answer=_transport_answer(exc)
+            ) from exc
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
             level = logging.INFO if outcome.startswith("2") else logging.WARNING
@@ -399,16 +410,17 @@ class FatoraClient:
         charge: bool = False,
         accept: Callable[[Envelope], bool] | None = None,
     ) -> Envelope:
-        """The SUCCESS envelope of a response, else the mapped error is raised."""
+        """The SUCCESS envelope of a response (or one ``accept`` takes), else the mapped error
+        is raised."""
         status = response.status_code
         if 200 <= status < 300:
             try:
                 envelope = parse_envelope(response.content)
-            except MalformedResponse as err:
-                err.http_status = status
-                raise
-            if envelope.ok or (accept is not None and accept(envelope)):
-                return envelope
+            except MalformedResponse:
+                pass  # error_from_response tells a cut body from a foreign page
+            else:
+                if envelope.ok or (accept is not None and accept(envelope)):
+                    return envelope
         raise error_from_response(
             status,
             response.content,
@@ -432,9 +444,19 @@ class FatoraClient:
                 if text:
                     for secret in hidden:
                         text = text.replace(secret, _REDACTED)
-                    setattr(err, attr, text)
+                    # Clipped only now: a secret cut in two would leave its start behind.
+                    setattr(err, attr, clip(text))
             err.args = (err.description,)
             raise
+
+
+# The request cannot have reached the gateway: the connection (or the proxy's tunnel) was never
+# made, or no pooled connection was free. Any later failure may come after the request was written.
+_NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
+
+
+def _transport_answer(exc: httpx.TransportError) -> Answer:
+    return Answer.NOT_SENT if isinstance(exc, _NOT_SENT_ERRORS) else Answer.NO_ANSWER
 
 
 def _environment_proxy(url: httpx.URL) -> httpx.Proxy | None:

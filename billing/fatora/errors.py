@@ -8,33 +8,37 @@ trying again? The tree:
     - GatewayTimeout
     - GatewayConnectionError
     - GatewayServerError - HTTP 5xx.
-    - MalformedResponse - a body that cannot be understood (garbled, HTML, truncated, wrong types).
+    - MalformedResponse - a body that cannot be understood (garbled, truncated, wrong types).
+      - ForeignAnswer - not Fatora's envelope at all (HTML 404, empty 200): a broken route.
+    - UnclearAnswer - Fatora's envelope saying nothing clear (ERROR, PROCESSING, other 4xx).
     - RateLimited - HTTP 429.
   + Declined - the card was refused; ``kind`` says whether the token is worth trying again.
     - HardDecline - token expired/deactivated/invalid, card cannot recur: never retry this token.
     - SoftDecline - insufficient funds, do not honor, generic decline: retry later.
-  + RequestRejected - HTTP 400/406/415 and other 4xx: our request is wrong; do not resend it as is.
-  + AuthenticationFailed - HTTP 401/403: the API key is bad or inactive; stop and alert a human.
-  + PaymentNotFound - HTTP 404: the gateway knows no such payment.
-  + Unprocessable - HTTP 422 (deactivating a token twice, for instance).
+  + RequestRejected - 400/406/415 in Fatora's envelope: our request is wrong; not processed.
+  + AuthenticationFailed - 401/403, or words about the merchant's key: stop and alert a human.
+  + PaymentNotFound - Fatora's envelope saying the payment does not exist.
+  + Unprocessable - 422 in Fatora's envelope (deactivating a token twice, for instance).
   + ModeMismatch - the gateway answered in test mode while the client runs live.
 
-``error_from_response`` is the one place that maps an HTTP status and an error body to a class.
-An error carries only its HTTP status, the gateway's error code and description: never the request
-body, the API key or a card token.
+Each error carries ``answer``, its class in ``billing.fatora.answers``, whose table says what it
+means for money. ``error_from_response`` is the one place that maps an HTTP status and an error
+body to an error. An error carries only its HTTP status, the gateway's error code and
+description: never the request body, the API key or a card token.
 """
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
+from billing.fatora.answers import Answer, Call, classify, decline_words
 from billing.fatora.types import DeclineKind
 
 __all__ = [
     "AuthenticationFailed",
     "Declined",
     "FatoraError",
+    "ForeignAnswer",
     "GatewayConnectionError",
     "GatewayServerError",
     "GatewayTimeout",
@@ -46,19 +50,24 @@ __all__ = [
     "RateLimited",
     "RequestRejected",
     "SoftDecline",
+    "UnclearAnswer",
     "Unprocessable",
     "classify_decline",
+    "clip",
     "declined",
     "error_from_response",
     "reads_as_decline",
 ]
 
-# Gateway text can be a whole HTML page; an error message only needs its start.
-_MAX_DESCRIPTION = 300
+# Gateway text can be a whole HTML page; an error message only needs its start. The client clips
+# it after removing secrets, so a clipped secret can never leave its prefix behind.
+MAX_DESCRIPTION = 300
 
 
 class FatoraError(Exception):
-    """Base of every Fatora client error."""
+    """Base of every Fatora client error. ``answer`` is its class in ``answers.VERDICTS``."""
+
+    answer: Answer = Answer.UNCLEAR
 
     def __init__(
         self,
@@ -66,10 +75,13 @@ class FatoraError(Exception):
         *,
         http_status: int | None = None,
         error_code: str | None = None,
+        answer: Answer | None = None,
     ) -> None:
         self.http_status = http_status
         self.error_code = error_code
-        self.description = _clip(description)
+        self.description = _squeeze(description)
+        if answer is not None:
+            self.answer = answer
         super().__init__(self.description)
 
     def _fields(self) -> str:
@@ -88,6 +100,8 @@ class FatoraError(Exception):
 class OutcomeUnknown(FatoraError):
     """The call may or may not have taken effect; for a charge, verify before retrying."""
 
+    answer = Answer.NO_ANSWER
+
     def __init__(
         self,
         description: str | None = None,
@@ -95,8 +109,9 @@ class OutcomeUnknown(FatoraError):
         http_status: int | None = None,
         error_code: str | None = None,
         retry_after_s: float | None = None,
+        answer: Answer | None = None,
     ) -> None:
-        super().__init__(description, http_status=http_status, error_code=error_code)
+        super().__init__(description, http_status=http_status, error_code=error_code, answer=answer)
         self.retry_after_s = retry_after_s
 
 
@@ -111,25 +126,46 @@ class GatewayConnectionError(OutcomeUnknown):
 class GatewayServerError(OutcomeUnknown):
     """HTTP 5xx: Fatora failed, maybe after acting on the request."""
 
+    answer = Answer.SERVER_ERROR
+
 
 class MalformedResponse(OutcomeUnknown):
     """A body that cannot be understood; it never counts as a success."""
 
+    answer = Answer.GARBLED
+
+
+class ForeignAnswer(MalformedResponse):
+    """Not Fatora's envelope and not a server error (an HTML 404, an empty 200): the route or
+    the base URL is wrong, or something else answers in Fatora's place."""
+
+    answer = Answer.FOREIGN
+
+
+class UnclearAnswer(OutcomeUnknown):
+    """Fatora's envelope, saying nothing clear (ERROR without known words, PROCESSING...)."""
+
+    answer = Answer.UNCLEAR
+
 
 class RateLimited(OutcomeUnknown):
     """HTTP 429. For a charge the request might still have been processed, so verify first."""
+
+    answer = Answer.SERVER_ERROR
 
 
 class Declined(FatoraError):
     """The card was refused. ``kind`` tells whether the token may be tried again."""
 
     kind: ClassVar[DeclineKind] = DeclineKind.SOFT
+    answer = Answer.SOFT_DECLINE
 
 
 class HardDecline(Declined):
     """The token or card can never succeed: deactivate it and ask for a new checkout."""
 
     kind: ClassVar[DeclineKind] = DeclineKind.HARD
+    answer = Answer.HARD_DECLINE
 
 
 class SoftDecline(Declined):
@@ -141,111 +177,59 @@ class SoftDecline(Declined):
 class RequestRejected(FatoraError):
     """The gateway refused our request as wrong (400, 406, 415...): a bug or bad data."""
 
+    answer = Answer.REJECTED
+
 
 class AuthenticationFailed(FatoraError):
     """The API key is invalid (401) or inactive (403): this will not fix itself."""
+
+    answer = Answer.AUTH
 
 
 class PaymentNotFound(FatoraError):
     """The gateway knows no payment for this order or transaction (404)."""
 
+    answer = Answer.NOT_FOUND
+
 
 class Unprocessable(FatoraError):
     """HTTP 422: well formed but not processable (e.g. a token already deactivated)."""
+
+    answer = Answer.REJECTED
 
 
 class ModeMismatch(FatoraError):
     """A test-mode result reached a client running live: never count it as money."""
 
+    answer = Answer.TEST_MODE
 
-def _clip(text: str | None) -> str | None:
+
+def _squeeze(text: str | None) -> str | None:
     if text is None:
         return None
-    text = " ".join(text.split())
-    if len(text) > _MAX_DESCRIPTION:
-        return text[: _MAX_DESCRIPTION - 1] + "…"
-    return text or None
+    return " ".join(text.split()) or None
 
 
-# Phrases are matched on normalised text (lower case, "_" and "-" as spaces) at word starts.
-# Hard phrases are checked first: a text naming both kinds ("declined: expired card") must not
-# lead to retrying a dead token.
-_HARD_PHRASES = (
-    "expired",
-    "expiry",
-    "deactivated",
-    "inactive token",
-    "invalid token",
-    "invalid card token",
-    "token not found",
-    "token is invalid",
-    "cannot recur",
-    "can not recur",
-    "can't recur",
-    "recurring not supported",
-    "recurring is not supported",
-    "not support recurring",
-    "does not support recurring",
-    "recurring not allowed",
-    "debit card",
-    "lost card",
-    "stolen card",
-    "pick up card",
-    "restricted card",
-    "invalid card number",
-    "no such card",
-)
-_SOFT_PHRASES = (
-    "insufficient funds",
-    "insufficient balance",
-    "not sufficient funds",
-    "do not honor",
-    "do not honour",
-    "declined",
-    "decline",
-    "exceeds",
-    "limit exceeded",
-    "issuer unavailable",
-    "try again",
-)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(re.sub(r"[_\-]+", " ", text.lower()).split())
-
-
-def _pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
-    return re.compile(r"\b(?:" + "|".join(re.escape(p) for p in phrases) + r")")
-
-
-_HARD_RE = _pattern(_HARD_PHRASES)
-_SOFT_RE = _pattern(_SOFT_PHRASES)
-_NOT_FOUND_RE = re.compile(r"\b(?:not found|doesn't found|does not exist|not exist|no payment)")
-_AUTH_RE = re.compile(r"\b(?:api key|unauthori[sz]ed|forbidden)")
-
-
-def _match_decline(description: str | None, error_code: str | None) -> DeclineKind | None:
-    text = _normalise(" ".join(t for t in (description, error_code) if t))
-    if _HARD_RE.search(text):
-        return DeclineKind.HARD
-    if _SOFT_RE.search(text):
-        return DeclineKind.SOFT
-    return None
-
-
-def reads_as_decline(description: str | None, error_code: str | None) -> bool:
-    """True when the gateway's text names a card decline (as opposed to a request error)."""
-    return _match_decline(description, error_code) is not None
+def clip(text: str | None, limit: int = MAX_DESCRIPTION) -> str | None:
+    """``text`` cut to ``limit`` characters. Only after secrets are removed from it."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
 
 
 def classify_decline(description: str | None, error_code: str | None) -> DeclineKind:
     """Hard or soft, from the gateway's decline text; unknown reasons count as SOFT.
 
-    Fatora publishes no decline-code catalogue, so this reads words, not numbers. Unknown means
-    soft because a soft decline only costs a few scheduled retries, while a wrong hard decline
-    throws away a good token.
+    Unknown means soft because a soft decline only costs a few scheduled retries, while a wrong
+    hard decline throws away a good token.
     """
-    return _match_decline(description, error_code) or DeclineKind.SOFT
+    text = " ".join(t for t in (description, error_code) if t)
+    return DeclineKind.HARD if decline_words(text) is Answer.HARD_DECLINE else DeclineKind.SOFT
+
+
+def reads_as_decline(description: str | None, error_code: str | None) -> bool:
+    """True when the gateway's text names a card decline (as opposed to a request error)."""
+    return decline_words(" ".join(t for t in (description, error_code) if t)) is not None
 
 
 def declined(
@@ -270,50 +254,42 @@ def error_from_response(
     charge: bool,
     retry_after_s: float | None = None,
 ) -> FatoraError:
-    """Map an HTTP status and error body to the error class; the only place that does so.
+    """The error for an answer that is not the success the caller wanted; the only place that
+    maps an HTTP status and a body to an error. Its class comes from ``answers.classify``.
 
-    ``charge`` marks collect-payment: only there can error text turn a 4xx (or a 2xx whose
-    envelope is not SUCCESS) into a card decline. ``retry_after_s`` comes from a Retry-After header.
+    ``charge`` marks collect-payment. ``retry_after_s`` comes from a Retry-After header.
     """
     from billing.fatora.parsing import parse_error_body
 
     info = parse_error_body(body_bytes)
     code, desc = info.error_code, info.description
-
-    if 200 <= status_code < 300:
-        if not info.understood:
-            return MalformedResponse(
-                "response body is not a Fatora JSON envelope", http_status=status_code
-            )
-        if charge and (info.status_word == "FAILURE" or reads_as_decline(desc, code)):
-            return declined(desc, code, http_status=status_code)
-        if _AUTH_RE.search(_normalise(f"{desc or ''} {code or ''}")):
-            return AuthenticationFailed(desc, http_status=status_code, error_code=code)
-        if not charge and _NOT_FOUND_RE.search(_normalise(desc or "")):
-            return PaymentNotFound(desc, http_status=status_code, error_code=code)
-        return RequestRejected(desc, http_status=status_code, error_code=code)
-
-    if status_code == 408:
-        return GatewayTimeout(desc, http_status=status_code, error_code=code)
-    if status_code == 429:
-        return RateLimited(
-            desc, http_status=status_code, error_code=code, retry_after_s=retry_after_s
-        )
-    if 500 <= status_code < 600:
-        return GatewayServerError(
-            desc, http_status=status_code, error_code=code, retry_after_s=retry_after_s
-        )
-    if status_code in (401, 403):
-        # Even if the text mentions a card: a key problem stops the worker for a human to see,
-        # which is safer than marking a customer's card as dead.
-        return AuthenticationFailed(desc, http_status=status_code, error_code=code)
-    if charge and 400 <= status_code < 500 and (status_code == 402 or reads_as_decline(desc, code)):
-        return declined(desc, code, http_status=status_code)
-    if status_code == 404:
-        return PaymentNotFound(desc, http_status=status_code, error_code=code)
-    if status_code == 422:
-        return Unprocessable(desc, http_status=status_code, error_code=code)
-    if 400 <= status_code < 500:
-        return RequestRejected(desc, http_status=status_code, error_code=code)
-    # 1xx/3xx: nothing a JSON API should send; the outcome is unknown.
-    return MalformedResponse(f"unexpected HTTP status {status_code}", http_status=status_code)
+    call = Call.COLLECT if charge else Call.VERIFY
+    answer = classify(
+        call,
+        status_code,
+        envelope_word=info.status_word if info.understood else None,
+        text=" ".join(t for t in (desc, code) if t),
+        payment_word=info.payment_word,
+        looks_like_json=info.looks_like_json,
+    )
+    status = status_code
+    if answer is Answer.SERVER_ERROR:
+        if status == 408:
+            return GatewayTimeout(desc, http_status=status, error_code=code, answer=answer)
+        cls: type[OutcomeUnknown] = RateLimited if status == 429 else GatewayServerError
+        return cls(desc, http_status=status, error_code=code, retry_after_s=retry_after_s)
+    if answer is Answer.FOREIGN:
+        return ForeignAnswer(f"not a Fatora answer (HTTP {status})", http_status=status)
+    if answer is Answer.GARBLED:
+        return MalformedResponse("response body is not a Fatora JSON envelope", http_status=status)
+    if answer is Answer.UNCLEAR:
+        text = desc or f"unclear answer (HTTP {status})"
+        return UnclearAnswer(text, http_status=status, error_code=code)
+    error_class: dict[Answer, type[FatoraError]] = {
+        Answer.AUTH: AuthenticationFailed,
+        Answer.HARD_DECLINE: HardDecline,
+        Answer.SOFT_DECLINE: SoftDecline,
+        Answer.NOT_FOUND: PaymentNotFound,
+        Answer.REJECTED: Unprocessable if status == 422 else RequestRejected,
+    }
+    return error_class[answer](desc, http_status=status, error_code=code)

@@ -186,6 +186,8 @@ class ErrorInfo:
     status_word: str | None = None
     error_code: str | None = None
     description: str | None = None
+    payment_word: str | None = None  # the payment status inside ``result``, if any
+    looks_like_json: bool = False  # a JSON-looking body, cut or garbled (not a foreign page)
 
 
 def _error_parts(obj: Obj) -> tuple[str | None, str | None]:
@@ -231,16 +233,30 @@ def parse_envelope(body: bytes) -> Envelope:
 
 def parse_error_body(body: bytes) -> ErrorInfo:
     """Best-effort reading of an error body; never raises (error pages may be HTML)."""
+    stripped = body.lstrip()[:1]
+    looks_like_json = stripped in (b"{", b"[")
     try:
         data = _load(body)
     except MalformedResponse:
-        return ErrorInfo(understood=False)
+        return ErrorInfo(understood=False, looks_like_json=looks_like_json)
     if not isinstance(data, dict):
-        return ErrorInfo(understood=False)
+        return ErrorInfo(understood=False, looks_like_json=looks_like_json)
     word = _status_word(data.get("status"))
     code, desc = _error_parts(data)
+    result = data.get("result")
+    payment_word = None
+    if isinstance(result, dict):
+        payment_word = next(
+            (w for k in _PAYMENT_STATUS_KEYS if (w := _status_word(result.get(k))) is not None),
+            None,
+        )
     return ErrorInfo(
-        understood=word is not None, status_word=word, error_code=code, description=desc
+        understood=word is not None,
+        status_word=word,
+        error_code=code,
+        description=desc,
+        payment_word=payment_word,
+        looks_like_json=True,
     )
 
 

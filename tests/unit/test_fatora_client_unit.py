@@ -20,6 +20,7 @@ from billing.fatora import (
     CollectResult,
     FatoraClient,
     FatoraError,
+    ForeignAnswer,
     GatewayConnectionError,
     GatewayServerError,
     GatewayTimeout,
@@ -33,6 +34,7 @@ from billing.fatora import (
     RefundResult,
     RequestRejected,
     SoftDecline,
+    UnclearAnswer,
 )
 
 API_KEY = "K3Y-5ecret-0000-1111-2222"
@@ -219,8 +221,10 @@ def test_collect_success_and_pending(make: Make) -> None:
             ),
             HardDecline,
         ),
-        (ok({"payment_status": "FAILURE", "description": "Do not honor"}), SoftDecline),
-        (ok({"payment_status": "FAILURE", "description": "Token deactivated"}), HardDecline),
+        (
+            reply(200, {"status": "FAILURE", "result": {"payment_status": "FAILURE"}}),
+            SoftDecline,
+        ),
         (reply(400, {"status": "ERROR", "error": "Invalid token"}), HardDecline),
         (
             reply(422, {"status": "ERROR", "error": {"description": "Qatar debit card"}}),
@@ -233,15 +237,17 @@ def test_collect_success_and_pending(make: Make) -> None:
         (reply(500, raw=b"<html>oops</html>"), GatewayServerError),
         (reply(502, raw=b""), GatewayServerError),
         (reply(429, raw=b""), RateLimited),
-        (reply(200, raw=b"<html>maintenance</html>"), MalformedResponse),
-        (reply(200, raw=b""), MalformedResponse),
+        (reply(200, raw=b"<html>maintenance</html>"), ForeignAnswer),
+        (reply(200, raw=b""), ForeignAnswer),
+        (reply(404, raw=b"<html>Not Found</html>"), ForeignAnswer),
+        (reply(504, raw=b"<html>504 Gateway Time-out</html>"), GatewayServerError),
+        (reply(200, {"status": "PROCESSING"}), UnclearAnswer),
+        (reply(200, {"status": "ERROR", "error": "Unexpected error"}), UnclearAnswer),
         (
             reply(200, raw=b'{"status":"SUCCESS","result":{"payment_status":"SUCC'),
             MalformedResponse,
         ),
-        (ok([{"payment_status": "SUCCESS"}]), MalformedResponse),
-        (ok({"payment_status": "WHATEVER"}), MalformedResponse),
-        (reply(302, raw=b"", headers={"location": "https://elsewhere"}), MalformedResponse),
+        (reply(302, raw=b"", headers={"location": "https://elsewhere"}), ForeignAnswer),
         (raising(httpx.ReadTimeout), GatewayTimeout),
         (raising(httpx.ConnectTimeout), GatewayTimeout),
         (raising(httpx.WriteTimeout), GatewayTimeout),
@@ -256,6 +262,27 @@ def test_collect_error_mapping(make: Make, handler: Handler, cls: type[FatoraErr
     with pytest.raises(cls) as info:
         client.collect_payment(TOKEN, "O-1", Decimal("5"), "QAR")
     assert type(info.value) is cls
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"payment_status": "FAILURE", "description": "Do not honor"},
+        {"status": "APPROVED"},
+        [{"payment_status": "SUCCESS"}],
+        {"payment_status": "WHATEVER"},
+        {"order_id": "SOMEONE-ELSE"},
+        None,
+    ],
+)
+def test_a_success_envelope_on_collect_is_accepted_whatever_its_result_says(
+    make: Make, result: object
+) -> None:
+    """Money safety: a SUCCESS envelope means the gateway took the charge. Reading it as 'no
+    answer' once let a lagging verify's 'not found' charge the invoice again."""
+    client, _ = make(reply(200, {"status": "SUCCESS", "result": result}))
+    collected = client.collect_payment(TOKEN, "O-1", Decimal("5"), "QAR")
+    assert collected.order_id == "O-1"
 
 
 def test_collect_pending_envelope_is_returned(make: Make) -> None:
@@ -312,7 +339,10 @@ def test_verify_failure_is_returned_not_raised(make: Make) -> None:
 
 
 def test_verify_not_found(make: Make) -> None:
-    error = {"status": "ERROR", "error": {"error_code": "404", "description": "does not exist"}}
+    error = {
+        "status": "ERROR",
+        "error": {"error_code": "404", "description": "Specified payment does not exists"},
+    }
     client, _ = make(reply(404, error))
     with pytest.raises(PaymentNotFound) as info:
         client.verify("O-404")
@@ -401,7 +431,7 @@ def test_refund_fallback_keeps_a_mount_prefix() -> None:
         FatoraClient(
             "http://sandbox.local/fatora/v1/", API_KEY, transport=httpx.MockTransport(handler)
         ) as client,
-        pytest.raises(PaymentNotFound),
+        pytest.raises(ForeignAnswer),  # an empty 404 is not Fatora's answer
     ):
         client.refund("O", "T")
     assert seen == [
@@ -432,7 +462,7 @@ def test_deactivate_custom_path_and_errors(make: Make) -> None:
     client, _ = make(reply(503, raw=b""))
     with pytest.raises(GatewayServerError):
         client.deactivate_token(TOKEN)
-    client, _ = make(reply(200, {"status": "ERROR", "error": "token is required"}))
+    client, _ = make(reply(400, {"status": "ERROR", "error": "token is required"}))
     with pytest.raises(RequestRejected):
         client.deactivate_token(TOKEN)
 
