@@ -29,9 +29,16 @@ UNRESOLVED = frozenset({AttemptStatus.IN_FLIGHT, AttemptStatus.UNKNOWN, AttemptS
 class CallEnding(StrEnum):
     """How the collect call ended, which decides how far a later 'not found' can be trusted."""
 
-    ANSWERED = "answered"  # the gateway sent a response (even a 5xx or a garbled one)
-    NO_ANSWER = "no_answer"  # timeout, dropped connection, or the worker died mid-call
+    NOT_SENT = "not_sent"  # the request never left: no money can have moved
+    ANSWERED = "answered"  # a clear, final answer in Fatora's envelope (decline, rejection...)
+    NO_ANSWER = "no_answer"  # anything unclear: timeout, 5xx, HTML, garbled, a dead worker
     ACCEPTED = "accepted"  # the gateway accepted the charge (SUCCESS or PENDING to collect)
+
+
+# A worker sends a collect only within this long of writing its attempt (a call that waited
+# longer in the pool is dropped unsent), so an attempt whose worker died without saying when it
+# sent bounds its send moment by ``created_wall_at + SEND_WINDOW``.
+SEND_WINDOW = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -64,21 +71,28 @@ def mismatch_reason(
     return None
 
 
+def sent_bound(created_wall_at: datetime, sent_wall_at: datetime | None) -> datetime:
+    """The latest moment the collect request can have left: when it was sent if the worker said
+    so, else the end of the send window (the worker may have died without recording it)."""
+    return sent_wall_at if sent_wall_at is not None else created_wall_at + SEND_WINDOW
+
+
 def not_found_is_final(
-    ending: CallEnding | None, written_at: datetime, now: datetime, grace: timedelta
+    ending: CallEnding | None, sent_by: datetime, now: datetime, grace: timedelta
 ) -> bool:
     """May a 'payment not found' from verify be read as 'never charged'?
 
-    When the gateway answered the collect call, it had finished with the request, so a later
-    'not found' is final, unless it had accepted the charge. When no answer came (a timeout, a
-    dropped connection, a worker that died during the call), the request may still be inside the
-    gateway: only once ``grace`` has passed since the attempt was written is 'not found' final.
+    Never after the gateway accepted the charge (only a human may say otherwise). Always when
+    the request never left. Otherwise the request may still be on its way (a proxy holding it,
+    a slow network, an edge that answered 504 while the gateway goes on): 'not found' counts
+    only once ``grace`` of real time has passed since ``sent_by``, the latest moment the
+    request can have left (``sent_bound``).
     """
     if ending is CallEnding.ACCEPTED:
-        return False  # the gateway said it took the charge: only a human may say otherwise
-    if ending is CallEnding.ANSWERED:
+        return False
+    if ending is CallEnding.NOT_SENT:
         return True
-    return now - written_at >= grace
+    return now - sent_by >= grace
 
 
 # Verify again after these delays when an attempt stays unresolved (then daily).

@@ -54,8 +54,12 @@ class BillingSettings(BaseSettings):
     charge_concurrency: int = Field(default=25, ge=1, le=256)
     # A scheduler pass claims at most this many due subscriptions per transaction.
     renewal_batch_size: int = Field(default=500, ge=1, le=100_000)
-    # A verify 'not found' after a collect that got no answer is trusted only after this long.
-    unknown_grace_s: float = Field(default=300.0, ge=0)
+    # After a collect without a clear answer, a verify 'not found' means 'never charged' only
+    # once this much real time has passed since the request left (for a worker that died
+    # without saying when: since the attempt was written plus attempts.SEND_WINDOW, 10
+    # minutes). A request held by a proxy or an edge can land long after it was sent; lowering
+    # this retries sooner at the risk of charging twice. See docs/OPERATIONS.md.
+    unknown_grace_s: float = Field(default=21600.0, ge=0)
     # Where charge results are kept for `billing tick --wait` and Flower (defaults to the broker).
     result_backend: str | None = None
     # Base URL of the return endpoint that Fatora redirects payers to after a checkout.

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from billing.attempts import AttemptStatus, CallEnding
+from billing.attempts import UNRESOLVED, AttemptStatus, CallEnding
 from billing.db import UTCDateTime
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 
@@ -221,6 +221,9 @@ class Invoice(Base):
     )
 
 
+_UNRESOLVED_SQL = "status IN (" + ", ".join(f"'{s.value}'" for s in sorted(UNRESOLVED)) + ")"
+
+
 class ChargeAttempt(Base):
     """One call to collect-payment, written and committed before the call is made."""
 
@@ -245,6 +248,9 @@ class ChargeAttempt(Base):
     # System time when the row was written, even under a test clock: how long a request may
     # still be inside the gateway is a matter of real seconds.
     created_wall_at: Mapped[datetime]
+    # System time when the collect request left, recorded with the outcome: a 'not found' is
+    # read as 'never charged' only a grace period after it (see attempts.not_found_is_final).
+    sent_wall_at: Mapped[datetime | None]
     settled_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
 
@@ -252,6 +258,15 @@ class ChargeAttempt(Base):
         CheckConstraint(_in("status", AttemptStatus), name="status"),
         CheckConstraint(
             "call_ending IS NULL OR " + _in("call_ending", CallEnding), name="call_ending"
+        ),
+        # The fence: at most one attempt per invoice whose outcome is not known. A second worker
+        # (a lost lock, a redelivered task) cannot start a charge while the first may have landed.
+        Index(
+            "uq_charge_attempts_one_unresolved",
+            "invoice_id",
+            unique=True,
+            postgresql_where=text(_UNRESOLVED_SQL),
+            sqlite_where=text(_UNRESOLVED_SQL),
         ),
         Index(
             "ix_charge_attempts_unresolved",

@@ -75,11 +75,16 @@ def describe_tick(result: dict[str, Any]) -> str:
 
 
 def reconcile() -> dict[str, Any]:
+    """Verify every unresolved charge now; invoices found never charged are queued again (after
+    their retry delay), as the janitor task does."""
     from schedules.sweeps import run_janitor
+    from workers.tasks import enqueue_retries
 
     report = run_janitor(get_runtime(), everything=True)
+    enqueue_retries(report.retry_in)
     return {
         "settled": {str(k): v for k, v in sorted(report.settled.items())},
+        "retries_queued": len(report.retry_in),
         "still_unresolved": report.still_unresolved,
         "alerted": report.alerted,
     }

@@ -44,6 +44,8 @@ def due_retries(rt: Runtime, *, now: datetime | None = None, limit: int = SWEEP_
 @dataclass
 class JanitorReport:
     settled: dict[int, str] = field(default_factory=dict)
+    # Invoices found never charged, to be charged again after this many seconds.
+    retry_in: dict[int, float] = field(default_factory=dict)
     still_unresolved: list[int] = field(default_factory=list)
     alerted: list[int] = field(default_factory=list)
 
@@ -65,6 +67,7 @@ def run_janitor(
         chunk = invoice_ids[start : start + rt.charge_batch_size]
         collection: CollectionReport = collect_invoices(rt, chunk, settle_only=True)
         report.settled.update(collection.results)
+        report.retry_in.update(collection.retry_in)
     _alert_stale(rt, at, report)
     return report
 

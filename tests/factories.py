@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import select
@@ -121,3 +121,13 @@ def successful_charges(sandbox: Sandbox, invoice_id: int) -> list[dict[str, obje
         for c in sandbox.charges()
         if str(c["order_id"]).startswith(prefix) and c["status"] == "SUCCESS"
     ]
+
+
+def age_attempts(rt: Runtime, by: timedelta) -> None:
+    """Move every attempt's real-time marks (written, sent) ``by`` into the past: how a test
+    lets real time pass for the grace rule without sleeping."""
+    with rt.sessions() as session, session.begin():
+        for attempt in session.execute(select(ChargeAttempt)).scalars():
+            attempt.created_wall_at -= by
+            if attempt.sent_wall_at is not None:
+                attempt.sent_wall_at -= by

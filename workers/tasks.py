@@ -37,13 +37,17 @@ def enqueue_charges(
 @app.task(name="billing.charge_invoices", ignore_result=False)
 def charge_invoices(invoice_ids: list[int]) -> dict[str, Any]:
     report = collect_invoices(get_runtime(), invoice_ids)
-    # Quick retries of transient faults: grouped by delay so a batch stays a batch.
+    enqueue_retries(report.retry_in)
+    return report.as_dict()
+
+
+def enqueue_retries(retry_in: dict[int, float]) -> None:
+    """Quick retries of transient faults: grouped by delay so a batch stays a batch."""
     by_delay: dict[float, list[int]] = defaultdict(list)
-    for invoice_id, delay in report.retry_in.items():
+    for invoice_id, delay in retry_in.items():
         by_delay[round(delay, 1)].append(invoice_id)
     for delay, ids in by_delay.items():
         enqueue_charges(ids, countdown=delay)
-    return report.as_dict()
 
 
 @app.task(name="billing.renew", ignore_result=True)
@@ -63,6 +67,7 @@ def retry_due() -> int:
 @app.task(name="billing.janitor", ignore_result=True)
 def janitor() -> dict[str, int]:
     report = run_janitor(get_runtime())
+    enqueue_retries(report.retry_in)  # invoices verify showed were never charged
     return {
         "settled": len(report.settled),
         "unresolved": len(report.still_unresolved),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -32,6 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.attempts import (
+    SEND_WINDOW,
     UNRESOLVED,
     AttemptStatus,
     CallEnding,
@@ -39,21 +41,16 @@ from billing.attempts import (
     mismatch_reason,
     next_verify_delay,
     not_found_is_final,
+    sent_bound,
 )
 from billing.db import id_in
-from billing.fatora.errors import (
-    AuthenticationFailed,
-    Declined,
-    FatoraError,
-    OutcomeUnknown,
-    PaymentNotFound,
-    RequestRejected,
-    Unprocessable,
-)
+from billing.fatora.answers import Call, Money, Then, verdict
+from billing.fatora.errors import Declined, FatoraError, OutcomeUnknown
 from billing.fatora.retry import retry_decision
 from billing.fatora.types import DeclineKind, Payment, PaymentStatus
 from billing.lifecycle import InvoiceStatus
-from billing.models import Base, CardStatus, CardToken, ChargeAttempt, Invoice, Subscription
+from billing.locks import Held
+from billing.models import Base, CardStatus, CardToken, ChargeAttempt, Event, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
 from billing.services import control, dunning_flow
@@ -65,8 +62,23 @@ log = logging.getLogger("billing.charging")
 IN_FLIGHT_LEASE = timedelta(minutes=15)
 # An outcome waits at most this long (in seconds) for others to be recorded with it.
 RECORD_WITHIN_S = 0.5
-# When fast retries of transient faults are used up, try again after this long.
-SLOW_RETRY = timedelta(hours=1)
+# How often (in seconds) a run checks that it still holds its invoice locks.
+LOCK_CHECK_S = 1.0
+# When the fast retries of a transient fault are used up, try again this often (and alert once).
+SLOW_RETRY = timedelta(hours=6)
+# A failure of our own before any request was sent (a token that cannot be decrypted) is
+# retried this often, with an alert: it needs a human, not a loop.
+INTERNAL_RETRY = timedelta(days=1)
+# The breaker: a run whose hard declines are at least BREAKER_MIN_HARD and at least this share
+# of its answers is stopped, and its hard declines touch no card (a route or a key is broken).
+BREAKER_MIN_HARD = 5
+BREAKER_SHARE = 0.5
+# Hard declines are held back until this many answers have come in (or the run ends), so that
+# the breaker judges a sample before a single card is marked dead.
+BREAKER_SAMPLE = 10
+
+# Outcome classifications that mean "the system is broken, not the customer's card".
+_PAUSING = {"auth_error": "authentication failed", "systemic": "the gateway route is broken"}
 
 
 @dataclass(frozen=True)
@@ -81,12 +93,20 @@ class Outcome:
     mode: str | None = None
     decline_kind: DeclineKind | None = None
     classification: str | None = None
+    # System time when the collect request left (None: not sent by this exchange).
+    sent_wall_at: datetime | None = None
+    # For a 'not found' that is not final yet: how long until it can be.
+    final_in: timedelta | None = None
     # The exception behind a transient outcome, for the retry decision (never persisted).
     error: BaseException | None = field(default=None, compare=False)
 
     @property
     def money_taken(self) -> bool:
         return self.status is AttemptStatus.SUCCEEDED
+
+    @property
+    def hard_decline(self) -> bool:
+        return self.status is AttemptStatus.DECLINED and self.decline_kind is DeclineKind.HARD
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,37 @@ class _Call:
     transaction_id: str | None
     ending: CallEnding | None
     created_wall_at: datetime
+    sent_wall_at: datetime | None = None
     ciphertext: bytes | None = field(default=None, repr=False)
+
+    def outcome(self, status: AttemptStatus, **fields: object) -> Outcome:
+        """An outcome that keeps what is known of this call unless ``fields`` say otherwise."""
+        known: dict[str, object] = {
+            "ending": self.ending,
+            "transaction_id": self.transaction_id,
+            "sent_wall_at": self.sent_wall_at,
+        }
+        return Outcome(status, **{**known, **fields})  # type: ignore[arg-type]
+
+
+@dataclass
+class _Run:
+    """What the threads of one collection run share: a switch that stops further requests (lost
+    lock, breaker, failed recording) and the breaker's counts."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str = ""
+    seen: int = 0
+    hard: int = 0
+    tripped: bool = False
+
+    def halt(self, reason: str) -> None:
+        if not self.stop.is_set():
+            self.stop_reason = reason
+            self.stop.set()
+
+    def implausible(self) -> bool:
+        return self.hard >= BREAKER_MIN_HARD and self.hard >= BREAKER_SHARE * self.seen
 
 
 @dataclass
@@ -110,15 +160,19 @@ class CollectionReport:
 
     results: dict[int, str] = field(default_factory=dict)
     retry_in: dict[int, float] = field(default_factory=dict)
+    stopped: str | None = None
 
     def note(self, invoice_id: int, result: str) -> None:
         self.results[invoice_id] = result
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "results": {str(k): v for k, v in sorted(self.results.items())},
             "retry_in": {str(k): v for k, v in sorted(self.retry_in.items())},
         }
+        if self.stopped:
+            out["stopped"] = self.stopped
+        return out
 
 
 def new_order_id(invoice_id: int) -> str:
@@ -131,20 +185,24 @@ def collect_invoices(
 ) -> CollectionReport:
     """Collect (or, with ``settle_only``, only settle) the given invoices."""
     report = CollectionReport()
-    with rt.locker.hold(invoice_ids) as locked:
-        for skipped in sorted(set(invoice_ids) - set(locked)):
+    run = _Run()
+    with rt.locker.hold(invoice_ids) as held:
+        for skipped in sorted(set(invoice_ids) - set(held.ids)):
             report.note(skipped, "busy")  # another worker holds it: that worker finishes it
-        if not locked:
+        if not held.ids:
             return report
         pool = rt.gateway_calls
-        unresolved = _unresolved_calls(rt, locked)
+        unresolved = _unresolved_calls(rt, held.ids)
         if unresolved:
             now_wall = datetime.now(UTC)
-            _exchange(rt, pool, unresolved, lambda c: _verify(rt, c, now_wall), report)
-        if not settle_only:
-            calls = _start_attempts(rt, locked, report)
+            verify = lambda c: _verify(rt, c, now_wall)  # noqa: E731
+            _exchange(rt, pool, unresolved, verify, report, held, run)
+        if not settle_only and not run.stop.is_set():
+            calls = _start_attempts(rt, held.ids, report)
             if calls:
-                _exchange(rt, pool, calls, lambda c: _charge(rt, c), report)
+                _exchange(rt, pool, calls, lambda c: _charge(rt, c, run), report, held, run)
+    if run.stop.is_set():
+        report.stopped = run.stop_reason
     return report
 
 
@@ -154,27 +212,47 @@ def _exchange(
     calls: list[_Call],
     exchange: Callable[[_Call], Outcome],
     report: CollectionReport,
+    held: Held,
+    run: _Run,
 ) -> None:
     """Run ``exchange`` for every call on the pool and record the outcomes as they arrive.
 
     Outcomes are recorded in chunks of about a round of calls (``charge_concurrency``), or
     sooner when the first of them has waited ``RECORD_WITHIN_S``: the first answers are written
-    while later calls are still under way, in few transactions. The invoice locks are held by
-    the caller until every call has ended, even if recording fails.
+    while later calls are still under way, in few transactions. Meanwhile the run checks its
+    invoice locks every ``LOCK_CHECK_S``: once they are lost, no further request is sent. Hard
+    declines wait for the breaker (``_Run.implausible``) to have a sample. The invoice locks are
+    held by the caller until every call has ended, even if recording fails.
     """
-    run = _never_raising(exchange)
+    run_one = _never_raising(exchange)
     pending: dict[Future[Outcome], _Call] = {}
     chunk = max(1, rt.charge_concurrency)
     ready: list[tuple[_Call, Outcome]] = []
+    hard: list[tuple[_Call, Outcome]] = []
     first_ready_at = 0.0
+    next_check = time.monotonic() + LOCK_CHECK_S
     try:
         for call in calls:
-            pending[pool.submit(run, call)] = call
+            pending[pool.submit(run_one, call)] = call
         while pending:
             done, _ = wait(pending, timeout=RECORD_WITHIN_S, return_when=FIRST_COMPLETED)
             if done and not ready:
                 first_ready_at = time.monotonic()
-            ready.extend((pending.pop(future), future.result()) for future in done)
+            for future in done:
+                call, outcome = pending.pop(future), future.result()
+                run.seen += 1
+                if outcome.hard_decline:
+                    run.hard += 1
+                    hard.append((call, outcome))
+                else:
+                    ready.append((call, outcome))
+            if hard and (run.seen >= BREAKER_SAMPLE or not pending):
+                ready.extend(_through_breaker(run, hard))
+                hard = []
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + LOCK_CHECK_S
+                if not run.stop.is_set() and not held.check():
+                    run.halt("invoice lock lost")
             overdue = ready and time.monotonic() - first_ready_at >= RECORD_WITHIN_S
             if ready and (len(ready) >= chunk or not pending or overdue):
                 _record(rt, ready, report)
@@ -184,12 +262,28 @@ def _exchange(
         # their attempts stay in flight and are settled by verify later. Calls under way are
         # waited for, so that no invoice lock is let go in the middle of a call, and what is
         # known about the answers that could not be recorded is kept as far as possible.
+        run.halt("recording failed")
         for future in pending:
             future.cancel()
         wait(pending)
+        ready.extend(hard)
         ready.extend((call, f.result()) for f, call in pending.items() if not f.cancelled())
         _keep_what_was_accepted(rt, ready)
         raise
+
+
+def _through_breaker(run: _Run, hard: list[tuple[_Call, Outcome]]) -> list[tuple[_Call, Outcome]]:
+    """Hard declines, unless the run has seen an implausible share of them: then they are only
+    suspects, no card is touched, and no further request is sent."""
+    if not run.tripped and run.implausible():
+        run.tripped = True
+        run.halt("implausible share of hard declines")
+        log.error(
+            "breaker: %d hard declines in %d answers; no card is marked dead", run.hard, run.seen
+        )
+    if not run.tripped:
+        return hard
+    return [(c, replace(o, classification="suspect_hard_decline")) for c, o in hard]
 
 
 def _never_raising(exchange: Callable[[_Call], Outcome]) -> Callable[[_Call], Outcome]:
@@ -201,12 +295,7 @@ def _never_raising(exchange: Callable[[_Call], Outcome]) -> Callable[[_Call], Ou
             return exchange(call)
         except Exception as exc:
             log.exception("gateway exchange failed for attempt %s", call.attempt_id)
-            return Outcome(
-                AttemptStatus.UNKNOWN,
-                call.ending,
-                transaction_id=call.transaction_id,
-                description=type(exc).__name__,
-            )
+            return call.outcome(AttemptStatus.UNKNOWN, description=type(exc).__name__)
 
     return run
 
@@ -228,10 +317,11 @@ def _keep_what_was_accepted(rt: Runtime, results: list[tuple[_Call, Outcome]]) -
     try:
         with rt.sessions() as session, session.begin():
             for call, outcome in accepted:
-                attempt = session.get(ChargeAttempt, call.attempt_id)
+                attempt = session.get(ChargeAttempt, call.attempt_id, with_for_update=True)
                 if attempt is not None and attempt.status in {s.value for s in UNRESOLVED}:
                     attempt.call_ending = CallEnding.ACCEPTED.value
                     attempt.transaction_id = outcome.transaction_id or attempt.transaction_id
+                    attempt.sent_wall_at = outcome.sent_wall_at or attempt.sent_wall_at
     except Exception:
         log.exception("could not mark %d accepted attempt(s)", len(accepted))
 
@@ -261,30 +351,53 @@ def _call_of(attempt: ChargeAttempt, ciphertext: bytes | None = None) -> _Call:
         transaction_id=attempt.transaction_id,
         ending=CallEnding(attempt.call_ending) if attempt.call_ending else None,
         created_wall_at=attempt.created_wall_at,
+        sent_wall_at=attempt.sent_wall_at,
         ciphertext=ciphertext,
     )
 
 
 def _verify(rt: Runtime, call: _Call, now_wall: datetime) -> Outcome:
-    """Ask the gateway what became of an attempt whose outcome we do not know."""
+    """Ask the gateway what became of an attempt; only a clear answer settles it."""
     try:
         payment = rt.gateway.verify(call.order_id, call.transaction_id)
-    except PaymentNotFound:
-        if not_found_is_final(call.ending, call.created_wall_at, now_wall, rt.unknown_grace):
-            return Outcome(AttemptStatus.FAILED, call.ending, description="not found at gateway")
-        return Outcome(AttemptStatus.UNKNOWN, call.ending, description="not found yet")
     except FatoraError as exc:
-        return Outcome(AttemptStatus.UNKNOWN, call.ending, description=_why(exc), error=exc)
+        then = verdict(Call.VERIFY, exc.answer).then
+        if then is Then.NOT_FOUND_RULE:
+            sent_by = sent_bound(call.created_wall_at, call.sent_wall_at)
+            if not_found_is_final(call.ending, sent_by, now_wall, rt.unknown_grace):
+                return call.outcome(
+                    AttemptStatus.FAILED,
+                    description="not found at gateway",
+                    classification="never_charged",
+                )
+            wait_for = sent_by + rt.unknown_grace - now_wall
+            final_in = None if call.ending is CallEnding.ACCEPTED else wait_for
+            return call.outcome(
+                AttemptStatus.UNKNOWN, description="not found yet", final_in=final_in
+            )
+        return call.outcome(
+            AttemptStatus.UNKNOWN,
+            description=_why(exc),
+            classification=_pausing_class(then),
+            error=exc,
+        )
     except Exception as exc:  # a bug must not lose the attempt: it stays unknown
         log.exception("verify failed for attempt %s", call.attempt_id)
-        return Outcome(AttemptStatus.UNKNOWN, call.ending, description=type(exc).__name__)
-    return _judge(rt, call, payment, call.ending)
+        return call.outcome(AttemptStatus.UNKNOWN, description=type(exc).__name__)
+    return _judge(rt, call, payment)
 
 
-def _judge(rt: Runtime, call: _Call, payment: Payment, ending: CallEnding | None) -> Outcome:
+def _pausing_class(then: Then) -> str | None:
+    if then is Then.PAUSE_AUTH:
+        return "auth_error"
+    if then is Then.PAUSE_SYSTEMIC:
+        return "systemic"
+    return None
+
+
+def _judge(rt: Runtime, call: _Call, payment: Payment) -> Outcome:
     """Turn a verify answer into an outcome, checking it really is this charge."""
-    common = {
-        "ending": ending,
+    common: dict[str, object] = {
         "transaction_id": payment.transaction_id or call.transaction_id,
         "auth_code": payment.auth_code,
         "description": payment.description,
@@ -300,16 +413,16 @@ def _judge(rt: Runtime, call: _Call, payment: Payment, ending: CallEnding | None
             mode=payment.mode,
         )
         if reason is not None:
-            return Outcome(AttemptStatus.ANOMALY, classification="mismatch", **common)  # type: ignore[arg-type]
-        return Outcome(AttemptStatus.SUCCEEDED, classification="paid", **common)  # type: ignore[arg-type]
+            return call.outcome(AttemptStatus.ANOMALY, classification="mismatch", **common)
+        return call.outcome(AttemptStatus.SUCCEEDED, classification="paid", **common)
     if payment.status is PaymentStatus.PENDING:
-        return Outcome(AttemptStatus.PENDING, classification="pending", **common)  # type: ignore[arg-type]
+        return call.outcome(AttemptStatus.PENDING, classification="pending", **common)
     kind = payment.decline_kind or DeclineKind.SOFT
-    return Outcome(
+    return call.outcome(
         AttemptStatus.DECLINED,
         decline_kind=kind,
         classification=f"{kind.value}_decline",
-        **common,  # type: ignore[arg-type]
+        **common,
     )
 
 
@@ -317,10 +430,16 @@ def _judge(rt: Runtime, call: _Call, payment: Payment, ending: CallEnding | None
 
 
 def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionReport) -> list[_Call]:
-    """Write one new attempt per collectable invoice and commit, before any gateway call."""
+    """Write one new attempt per collectable invoice and commit, before any gateway call.
+
+    The subscriptions and invoices are locked (``FOR UPDATE``) first, so a cancel, a pause or
+    another worker cannot change them between the check and the write; the partial unique index
+    ``uq_charge_attempts_one_unresolved`` is the last fence if anything still slips through.
+    """
     started: list[tuple[ChargeAttempt, CardToken]] = []
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
+        subs, invoices = _lock_rows(session, invoice_ids)
         paused = control.collection_paused(session)
         # An attempt still unresolved after settling forbids a new charge on its invoice.
         blocked = set(
@@ -331,18 +450,16 @@ def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionRepor
                 )
             ).scalars()
         )
-        invoices = _load(session, Invoice, invoice_ids)
-        subs = _load(session, Subscription, (i.subscription_id for i in invoices.values()))
         cards = dunning_flow.customer_cards(session, (s.customer_id for s in subs.values()))
         with session.no_autoflush:
             for invoice in sorted(invoices.values(), key=lambda i: i.id):
                 if invoice.id in blocked:
                     continue  # its result (unknown, pending) was noted while settling
-                verdict = _collectable(invoice, now)
-                if verdict is None and dunning_flow.subscription_ended(session, invoice, now):
-                    verdict = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
-                if verdict is not None:
-                    report.note(invoice.id, verdict)
+                verdict_ = _collectable(invoice, now)
+                if verdict_ is None and dunning_flow.subscription_ended(session, invoice, now):
+                    verdict_ = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
+                if verdict_ is not None:
+                    report.note(invoice.id, verdict_)
                     continue
                 if paused:
                     report.note(invoice.id, "collection_paused")
@@ -378,13 +495,33 @@ def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionRepor
 _Row = TypeVar("_Row", bound=Base)
 
 
-def _load(session: Session, model: type[_Row], ids: Iterable[int]) -> dict[int, _Row]:
-    """Rows of ``model`` by id, in one query; they stay in the session for ``session.get``."""
+def _load(
+    session: Session, model: type[_Row], ids: Iterable[int], *, lock: bool = False
+) -> dict[int, _Row]:
+    """Rows of ``model`` by id, in one query (``FOR UPDATE`` in id order with ``lock``); they
+    stay in the session for ``session.get``."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = session.execute(select(model).where(id_in(session, model.id, wanted))).scalars()  # type: ignore[attr-defined]
+    query = select(model).where(id_in(session, model.id, wanted))  # type: ignore[attr-defined]
+    if lock:
+        query = query.order_by(model.id).with_for_update()  # type: ignore[attr-defined]
+    rows = session.execute(query).scalars()
     return {row.id: row for row in rows}  # type: ignore[attr-defined]
+
+
+def _lock_rows(
+    session: Session, invoice_ids: Iterable[int]
+) -> tuple[dict[int, Subscription], dict[int, Invoice]]:
+    """Lock the invoices' subscriptions, then the invoices: always in that order (and in id
+    order), as every path that writes them does, so that two of them cannot deadlock."""
+    wanted = sorted(set(invoice_ids))
+    sub_ids = session.execute(
+        select(Invoice.subscription_id).where(id_in(session, Invoice.id, wanted))
+    ).scalars()
+    subs = _load(session, Subscription, sub_ids, lock=True)
+    invoices = _load(session, Invoice, wanted, lock=True)
+    return subs, invoices
 
 
 def _collectable(invoice: Invoice, now: datetime) -> str | None:
@@ -402,96 +539,110 @@ def _collectable(invoice: Invoice, now: datetime) -> str | None:
 # -- 3. the gateway exchange -----------------------------------------------------------------
 
 
-def _charge(rt: Runtime, call: _Call) -> Outcome:
+def _charge(rt: Runtime, call: _Call, run: _Run) -> Outcome:
     """collect-payment then verify. Runs on a pool thread: no database access here."""
+    if run.stop.is_set():
+        return _not_sent(call, run.stop_reason)
+    if datetime.now(UTC) - call.created_wall_at > SEND_WINDOW:
+        # Sending now would break the bound a later 'not found' relies on (attempts.SEND_WINDOW).
+        return _not_sent(call, "waited too long to be sent")
     try:
         assert call.ciphertext is not None
         token = rt.vault.decrypt(call.ciphertext)
-        collected = rt.gateway.collect_payment(token, call.order_id, call.amount, call.currency)
-    except OutcomeUnknown as exc:
-        ending = CallEnding.ANSWERED if exc.http_status is not None else CallEnding.NO_ANSWER
-        return _after_unknown(rt, call, ending, exc)
-    except Declined as exc:
-        return _confirm_decline(rt, call, exc)
-    except PaymentNotFound as exc:  # the gateway does not know the token: a dead card
-        return _confirm_decline(rt, call, exc, kind=DeclineKind.HARD)
-    except AuthenticationFailed as exc:
-        return Outcome(
+    except Exception as exc:
+        log.error("attempt %s: the card token cannot be read (%s)", call.attempt_id, type(exc))
+        return call.outcome(
             AttemptStatus.FAILED,
-            CallEnding.ANSWERED,
-            description=_why(exc),
-            classification="auth_error",
+            ending=CallEnding.NOT_SENT,
+            description=f"card token cannot be read ({type(exc).__name__})",
+            classification="internal",
         )
-    except (RequestRejected, Unprocessable) as exc:
-        return Outcome(
-            AttemptStatus.FAILED,
-            CallEnding.ANSWERED,
-            description=_why(exc),
-            classification="rejected",
-        )
-    except FatoraError as exc:
-        return _after_unknown(rt, call, CallEnding.ANSWERED, exc)
-    except Exception as exc:  # a bug after the row was written: keep it unknown, never lost
-        log.exception("collect failed for attempt %s", call.attempt_id)
-        return Outcome(AttemptStatus.UNKNOWN, CallEnding.NO_ANSWER, description=type(exc).__name__)
-    # The gateway accepted the charge: from now on a 'not found' is never read as 'not charged'.
-    accepted = replace(call, transaction_id=collected.transaction_id)
+    sent = replace(call, sent_wall_at=datetime.now(UTC))
     try:
-        payment = rt.gateway.verify(call.order_id, collected.transaction_id)
-        return _judge(rt, accepted, payment, CallEnding.ACCEPTED)
-    except Exception as exc:  # a failed verify or a bug: taken-or-unknown, never 'not charged'
-        if not isinstance(exc, FatoraError):
-            log.exception("verify after an accepted collect failed for attempt %s", call.attempt_id)
-        return Outcome(
-            AttemptStatus.UNKNOWN,
-            CallEnding.ACCEPTED,
-            transaction_id=collected.transaction_id,
-            description=_why(exc) if isinstance(exc, FatoraError) else type(exc).__name__,
-            error=exc,
-        )
+        collected = rt.gateway.collect_payment(token, call.order_id, call.amount, call.currency)
+    except FatoraError as exc:
+        return _after_collect_error(rt, sent, exc)
+    except Exception as exc:  # a bug after the request may have left: unknown, never lost
+        log.exception("collect failed for attempt %s", call.attempt_id)
+        unclear = replace(sent, ending=CallEnding.NO_ANSWER)
+        return unclear.outcome(AttemptStatus.UNKNOWN, description=type(exc).__name__)
+    # The gateway took the charge: from now on a 'not found' is never read as 'not charged'.
+    accepted = replace(
+        sent,
+        ending=CallEnding.ACCEPTED,
+        transaction_id=collected.transaction_id or call.transaction_id,
+    )
+    return _verify(rt, accepted, datetime.now(UTC))
 
 
-def _after_unknown(rt: Runtime, call: _Call, ending: CallEnding, exc: FatoraError) -> Outcome:
-    """The collect call has no trustworthy answer: verify at once, it often settles it."""
-    settled = _verify(rt, replace(call, ending=ending), datetime.now(UTC))
-    if settled.status in (AttemptStatus.UNKNOWN, AttemptStatus.FAILED):
-        return Outcome(
-            settled.status,
-            ending,
+def _not_sent(call: _Call, reason: str) -> Outcome:
+    return call.outcome(
+        AttemptStatus.FAILED,
+        ending=CallEnding.NOT_SENT,
+        description=f"not sent: {reason}",
+        classification="not_sent",
+    )
+
+
+# What a final collect answer that moved no money means for the attempt.
+_NO_MONEY_CLASS = {
+    Then.RETRY: "transient",
+    Then.PAUSE_AUTH: "auth_error",
+    Then.ALERT_REJECTED: "rejected",
+    Then.PAUSE_SYSTEMIC: "systemic",
+}
+
+
+def _after_collect_error(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
+    """A collect answer other than SUCCESS/PENDING, judged by ``answers.VERDICTS``."""
+    judged = verdict(Call.COLLECT, exc.answer)
+    if judged.then in (Then.DUN_SOFT, Then.DUN_HARD):
+        return _confirm_decline(rt, call, exc)
+    if judged.money is Money.NO:
+        ending = CallEnding.NOT_SENT if judged.then is Then.RETRY else CallEnding.ANSWERED
+        return call.outcome(
+            AttemptStatus.FAILED,
+            ending=ending,
             description=_why(exc),
-            classification="transient",
+            classification=_NO_MONEY_CLASS[judged.then],
             error=exc,
         )
-    return settled
+    # Money may have moved: verify at once (it often settles it), else it stays unknown.
+    unclear = replace(call, ending=CallEnding.NO_ANSWER)
+    settled = _verify(rt, unclear, datetime.now(UTC))
+    if settled.status not in (AttemptStatus.UNKNOWN, AttemptStatus.FAILED):
+        return settled  # verify knows the payment: that is the answer, whatever collect said
+    pausing = _pausing_class(judged.then)
+    return replace(
+        settled,
+        description=_why(exc),
+        classification=pausing or settled.classification or "transient",
+        error=exc,
+    )
 
 
-def _confirm_decline(
-    rt: Runtime, call: _Call, exc: FatoraError, kind: DeclineKind | None = None
-) -> Outcome:
+def _confirm_decline(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
     """Check a decline with verify: a 'declined' answer is not trusted over a verified payment."""
-    decline_kind = kind or (exc.kind if isinstance(exc, Declined) else DeclineKind.SOFT)
-    declined = Outcome(
+    kind = exc.kind if isinstance(exc, Declined) else DeclineKind.SOFT
+    declined = call.outcome(
         AttemptStatus.DECLINED,
-        CallEnding.ANSWERED,
+        ending=CallEnding.ANSWERED,
         description=exc.description,
-        decline_kind=decline_kind,
-        classification=f"{decline_kind.value}_decline",
+        decline_kind=kind,
+        classification=f"{kind.value}_decline",
     )
     try:
         payment = rt.gateway.verify(call.order_id, None)
     except FatoraError:
-        return declined
+        return declined  # a clear decline in Fatora's envelope: no payment to find
     if payment.status is PaymentStatus.FAILURE:
-        return Outcome(
-            AttemptStatus.DECLINED,
-            CallEnding.ANSWERED,
+        return replace(
+            declined,
             transaction_id=payment.transaction_id,
             description=payment.description or exc.description,
             mode=payment.mode,
-            decline_kind=decline_kind,
-            classification=f"{decline_kind.value}_decline",
         )
-    return _judge(rt, call, payment, CallEnding.ACCEPTED)
+    return _judge(rt, replace(call, ending=CallEnding.ACCEPTED), payment)
 
 
 def _why(exc: BaseException) -> str:
@@ -507,19 +658,33 @@ def _record(
     results: list[tuple[_Call, Outcome]],
     report: CollectionReport,
 ) -> None:
+    """Write outcomes, with their subscriptions, invoices and attempts locked. An attempt that
+    another worker has settled meanwhile is left alone (unless verify now finds its money)."""
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
-        attempts = _load(session, ChargeAttempt, (call.attempt_id for call, _ in results))
-        invoices = _load(session, Invoice, (call.invoice_id for call, _ in results))
-        # Held here so that the session's (weak) identity map keeps them for session.get.
-        subs = _load(session, Subscription, (i.subscription_id for i in invoices.values()))
+        subs, invoices = _lock_rows(session, (call.invoice_id for call, _ in results))
+        attempts = _load(session, ChargeAttempt, (c.attempt_id for c, _ in results), lock=True)
         for call, outcome in results:
             attempt = attempts[call.attempt_id]
             invoice = invoices[call.invoice_id]
+            if not _may_record(attempt, outcome):
+                report.note(invoice.id, "already_settled")
+                continue
             _write_attempt(attempt, outcome, now)
             word = _move_invoice(session, invoice, attempt, outcome, now, report)
             report.note(invoice.id, word)
-        del subs
+        del subs  # held so that the session's (weak) identity map keeps them for session.get
+
+
+def _may_record(attempt: ChargeAttempt, outcome: Outcome) -> bool:
+    if attempt.status in {s.value for s in UNRESOLVED}:
+        return True
+    # Written off as 'never charged' or 'declined', yet verify now shows the money: the money
+    # is the truth. Anything else about a settled attempt is news from a slower worker.
+    return outcome.status is AttemptStatus.SUCCEEDED and attempt.status in (
+        AttemptStatus.FAILED.value,
+        AttemptStatus.DECLINED.value,
+    )
 
 
 def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> None:
@@ -527,6 +692,7 @@ def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> N
     # ACCEPTED is never downgraded: once the gateway took the charge, it stays taken-or-known.
     if outcome.ending is not None and attempt.call_ending != CallEnding.ACCEPTED.value:
         attempt.call_ending = outcome.ending.value
+    attempt.sent_wall_at = attempt.sent_wall_at or outcome.sent_wall_at
     attempt.transaction_id = outcome.transaction_id or attempt.transaction_id
     attempt.auth_code = outcome.auth_code or attempt.auth_code
     attempt.description = (outcome.description or attempt.description or "")[:500] or None
@@ -536,7 +702,11 @@ def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> N
     if outcome.status in UNRESOLVED:
         if outcome.status is not AttemptStatus.IN_FLIGHT:
             attempt.verify_count += 1
-        attempt.next_verify_at = now + next_verify_delay(attempt.verify_count)
+        delay = next_verify_delay(attempt.verify_count)
+        if outcome.final_in is not None:
+            # Verify again as soon as a 'not found' can count, not a backoff step later.
+            delay = min(delay, max(outcome.final_in, timedelta(0)) + timedelta(seconds=1))
+        attempt.next_verify_at = now + delay
     else:
         attempt.next_verify_at = None
         attempt.settled_at = now
@@ -551,12 +721,24 @@ def _move_invoice(
     report: CollectionReport,
 ) -> str:
     """Apply one attempt's outcome to its invoice and subscription; return a word for it."""
-    status = outcome.status
+    status, kind = outcome.status, outcome.classification
+    # A broken key, route or gateway is never the customer's failure: no card, no dunning.
+    if kind in _PAUSING or kind == "suspect_hard_decline":
+        why = _PAUSING.get(kind or "", "implausible share of hard declines")
+        control.pause_collection(session, f"{why}: {outcome.description or ''}"[:500], now)
+        if status not in UNRESOLVED:
+            invoice.next_attempt_at = now  # collected as soon as collection resumes
+            invoice.updated_at = now
+        return {"auth_error": "auth_error", "systemic": "collection_paused"}.get(
+            kind or "", "suspect_decline"
+        )
     if status is AttemptStatus.SUCCEEDED:
-        if invoice.status == InvoiceStatus.OPEN.value:
+        if invoice.status in (InvoiceStatus.OPEN.value, InvoiceStatus.UNCOLLECTIBLE.value):
             dunning_flow.paid(session, invoice, attempt, now)
             return "paid"
-        # Paid by another attempt already: a second successful charge is a refund case.
+        if invoice.paid_attempt_id == attempt.id:
+            return "paid"
+        # Paid by another attempt already (or voided): a second charge is a refund case.
         record_event(
             session,
             "alert.duplicate_payment",
@@ -575,12 +757,10 @@ def _move_invoice(
             now=now,
         )
         return "anomaly"
-    if status is AttemptStatus.PENDING:
-        invoice.next_attempt_at = None  # the janitor verifies it again; no charge meanwhile
-        return "pending"
-    if status in (AttemptStatus.UNKNOWN, AttemptStatus.IN_FLIGHT):
-        _schedule_transient_retry(invoice, outcome, now, report, verify_only=True)
-        return "unknown"
+    if status in UNRESOLVED:
+        # The janitor verifies it (attempt.next_verify_at); no new charge meanwhile.
+        invoice.next_attempt_at = None
+        return status.value if status is AttemptStatus.PENDING else "unknown"
     if status is AttemptStatus.DECLINED:
         assert outcome.decline_kind is not None
         invoice.transient_count = 0
@@ -592,11 +772,9 @@ def _move_invoice(
         dunning_flow.declined(session, invoice, attempt, outcome.decline_kind, now)
         return f"{outcome.decline_kind.value}_declined"
     # FAILED: no money was taken.
-    if outcome.classification == "auth_error":
-        control.pause_collection(session, outcome.description or "authentication failed", now)
-        invoice.next_attempt_at = now  # collected as soon as collection resumes
-        return "auth_error"
-    if outcome.classification == "rejected":
+    if invoice.status != InvoiceStatus.OPEN.value:
+        return "failed"
+    if kind == "rejected":
         invoice.next_attempt_at = None
         record_event(
             session,
@@ -606,32 +784,59 @@ def _move_invoice(
             now=now,
         )
         return "rejected"
-    _schedule_transient_retry(invoice, outcome, now, report, verify_only=False)
+    if kind == "internal":
+        invoice.next_attempt_at = now + INTERNAL_RETRY
+        _alert_once(session, "alert.charge_internal_error", invoice, attempt, outcome, now)
+        return "internal_error"
+    if kind == "not_sent":
+        invoice.next_attempt_at = now  # nothing happened: the next sweep picks it up
+        return "not_sent"
+    _schedule_transient_retry(session, invoice, attempt, outcome, now, report)
     return "retry"
 
 
-def _schedule_transient_retry(
+def _alert_once(
+    session: Session,
+    kind: str,
     invoice: Invoice,
+    attempt: ChargeAttempt,
+    outcome: Outcome,
+    now: datetime,
+) -> None:
+    """Raise ``kind`` for this invoice unless it was raised before (a loop must not flood)."""
+    raised = session.execute(
+        select(Event.id).where(Event.kind == kind, Event.invoice_id == invoice.id).limit(1)
+    ).first()
+    if raised is None:
+        record_event(
+            session,
+            kind,
+            invoice=invoice,
+            payload={"attempt_id": attempt.id, "reason": (outcome.description or "")[:200]},
+            now=now,
+        )
+
+
+def _schedule_transient_retry(
+    session: Session,
+    invoice: Invoice,
+    attempt: ChargeAttempt,
     outcome: Outcome,
     now: datetime,
     report: CollectionReport,
-    *,
-    verify_only: bool,
 ) -> None:
-    """A transient fault: try again soon, verifying first, with backoff and jitter."""
-    if invoice.status != InvoiceStatus.OPEN.value:
-        return
+    """Nothing was charged for a transient reason: try again soon with backoff and jitter, and
+    once the fast retries are used up, slowly and with an alert (never an endless quiet loop).
+    The count is kept until the invoice is paid or declined."""
     invoice.transient_count += 1
-    decision = retry_decision(outcome.error, invoice.transient_count)
-    if outcome.error is None and not verify_only:
-        # A call that never arrived (settled as not found): retry at the first backoff step.
-        decision = retry_decision(_NeverArrived(), invoice.transient_count)
+    error = outcome.error if isinstance(outcome.error, FatoraError) else _NeverArrived()
+    decision = retry_decision(error, invoice.transient_count)
     if decision.retry and decision.delay_s is not None:
         invoice.next_attempt_at = now + timedelta(seconds=decision.delay_s)
         report.retry_in[invoice.id] = round(decision.delay_s, 3)
     else:
-        invoice.transient_count = 0
         invoice.next_attempt_at = now + SLOW_RETRY
+        _alert_once(session, "alert.collection_stalled", invoice, attempt, outcome, now)
     invoice.updated_at = now
 
 

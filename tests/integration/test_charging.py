@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, select
 
-from billing.attempts import AttemptStatus
+from billing.attempts import SEND_WINDOW, AttemptStatus
 from billing.clock import FixedClock
 from billing.crypto import TokenVault
 from billing.fatora.errors import PaymentNotFound
@@ -25,6 +25,7 @@ from billing.services import charging
 from billing.services.charging import collect_invoices
 from schedules.sweeps import run_janitor
 from tests.factories import (
+    age_attempts,
     attempts_of,
     invoice_of,
     renew,
@@ -84,12 +85,16 @@ def test_garbled_answer_after_charge_is_never_taken_as_success_unverified(
 
 
 def test_server_error_before_charge_is_retried_to_success(rt: Runtime, sandbox: Sandbox) -> None:
-    """A 5xx with nothing taken: verify says not found, a new attempt with a new order id pays."""
+    """Exactly once: a 5xx may come after the charge, so it is unknown, and nothing is charged
+    again until verify has said 'not found' a grace period after the send; then a new attempt,
+    with a new order id, pays."""
     _, invoice_id = _one_due_invoice(rt, sandbox, ["server_error_before_charge"])
     first = collect_invoices(rt, [invoice_id])
-    assert first.results[invoice_id] == "retry"
-    assert invoice_id in first.retry_in
-    second = collect_invoices(rt, [invoice_id])  # the quick retry
+    assert first.results[invoice_id] == "unknown"
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "unknown"
+    assert len(attempts_of(rt, invoice_id)) == 1  # no second charge within the grace
+    age_attempts(rt, rt.unknown_grace)
+    second = collect_invoices(rt, [invoice_id])  # 'not found' is final now: charged again
     assert second.results[invoice_id] == "paid"
     attempts = attempts_of(rt, invoice_id)
     assert [a.status for a in attempts] == ["failed", "succeeded"]
@@ -186,7 +191,9 @@ def test_worker_killed_after_write_ahead_before_the_call(rt: Runtime, sandbox: S
     # The next run finds an in-flight attempt the gateway has never heard of: too early to say.
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "unknown"
     assert sandbox.charges() == []
-    rt.unknown_grace = timedelta(0)  # the grace period has passed
+    # Its request could have left until the end of the send window, then travelled for the
+    # grace period: only after both does 'not found' mean 'never charged'.
+    age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     collect_invoices(rt, [invoice_id])
     collect_invoices(rt, [invoice_id])
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
@@ -202,7 +209,7 @@ def test_worker_killed_after_the_gateway_charged_before_recording(
     record, and the invoice is not charged again."""
     _, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
     calls = charging._start_attempts(rt, [invoice_id], charging.CollectionReport())
-    charging._charge(rt, calls[0])  # money taken; the process dies before _record
+    charging._charge(rt, calls[0], charging._Run())  # money taken; the process dies before _record
     assert len(successful_charges(sandbox, invoice_id)) == 1
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
     (attempt,) = attempts_of(rt, invoice_id)

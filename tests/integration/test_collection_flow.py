@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 
 import httpx
 import pytest
 from sqlalchemy import Engine, select
 
+from billing.attempts import SEND_WINDOW
 from billing.clock import FixedClock
 from billing.crypto import TokenVault
 from billing.fatora.client import FatoraClient
@@ -25,7 +25,14 @@ from billing.models import ChargeAttempt
 from billing.runtime import Runtime
 from billing.services import charging
 from billing.services.charging import collect_invoices
-from tests.factories import invoice_of, renew, seed_plans, subscriber, successful_charges
+from tests.factories import (
+    age_attempts,
+    invoice_of,
+    renew,
+    seed_plans,
+    subscriber,
+    successful_charges,
+)
 from tests.integration.conftest import make_runtime
 
 
@@ -112,7 +119,8 @@ def test_a_failure_while_recording_leaves_no_call_running_and_loses_no_charge(
         )
     assert marked == taken
 
-    rt.unknown_grace = timedelta(0)  # let 'not found' mean 'never charged' for the dropped ones
+    # Let real time pass for the dropped ones: the send window, then the grace period.
+    age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     for _ in range(3):
         collect_invoices(rt, invoice_ids)
     for invoice_id in invoice_ids:
