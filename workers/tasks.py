@@ -7,6 +7,7 @@ task is safe to run twice: the services lock and check state before acting.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +46,8 @@ def enqueue_retries(retry_in: dict[int, float]) -> None:
     """Quick retries of transient faults: grouped by delay so a batch stays a batch."""
     by_delay: dict[float, list[int]] = defaultdict(list)
     for invoice_id, delay in retry_in.items():
-        by_delay[round(delay, 1)].append(invoice_id)
+        # Rounded up: a task that came early would find the invoice not due yet.
+        by_delay[math.ceil(delay * 10) / 10].append(invoice_id)
     for delay, ids in by_delay.items():
         enqueue_charges(ids, countdown=delay)
 

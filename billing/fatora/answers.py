@@ -283,16 +283,14 @@ def classify(
     server_error = status in (408, 429) or 500 <= status < 600
     if status in (401, 403):
         return Answer.AUTH  # whatever the body: the key (or a firewall) refused the request
+    if server_error:
+        return Answer.SERVER_ERROR  # whatever the body: it may come after the charge
     if envelope_word is None:
-        if server_error:
-            return Answer.SERVER_ERROR
         if 200 <= status < 300 and looks_like_json:
             return Answer.GARBLED
         return Answer.FOREIGN
     if reads_as_auth(text):
         return Answer.AUTH
-    if server_error:
-        return Answer.SERVER_ERROR
     if 200 <= status < 300:
         if envelope_word == "SUCCESS":
             return Answer.SUCCESS

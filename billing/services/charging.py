@@ -530,8 +530,9 @@ def _collectable(invoice: Invoice, now: datetime) -> str | None:
         return invoice.status
     if invoice.next_attempt_at is None:
         return "not_scheduled"
-    # A quick retry of a transient fault runs when its task comes, even under a frozen test clock.
-    if invoice.next_attempt_at > now and invoice.transient_count == 0:
+    # Whoever queued it (renewal, a quick retry, the retry sweep, a redelivery), an invoice is
+    # charged only once its backoff, Retry-After or dunning step has passed.
+    if invoice.next_attempt_at > now:
         return "not_due"
     return None
 

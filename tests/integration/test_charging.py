@@ -84,7 +84,9 @@ def test_garbled_answer_after_charge_is_never_taken_as_success_unverified(
     assert len(successful_charges(sandbox, invoice_id)) == 1
 
 
-def test_server_error_before_charge_is_retried_to_success(rt: Runtime, sandbox: Sandbox) -> None:
+def test_server_error_before_charge_is_retried_to_success(
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock
+) -> None:
     """Exactly once: a 5xx may come after the charge, so it is unknown, and nothing is charged
     again until verify has said 'not found' a grace period after the send; then a new attempt,
     with a new order id, pays."""
@@ -94,8 +96,11 @@ def test_server_error_before_charge_is_retried_to_success(rt: Runtime, sandbox: 
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "unknown"
     assert len(attempts_of(rt, invoice_id)) == 1  # no second charge within the grace
     age_attempts(rt, rt.unknown_grace)
-    second = collect_invoices(rt, [invoice_id])  # 'not found' is final now: charged again
-    assert second.results[invoice_id] == "paid"
+    settled = collect_invoices(rt, [invoice_id])  # 'not found' is final now: a quick retry
+    assert invoice_id in settled.retry_in
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "not_due"  # its backoff
+    clock.advance(timedelta(seconds=settled.retry_in[invoice_id] + 1))
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
     attempts = attempts_of(rt, invoice_id)
     assert [a.status for a in attempts] == ["failed", "succeeded"]
     assert attempts[0].order_id != attempts[1].order_id
@@ -181,7 +186,9 @@ def test_task_delivered_twice_at_once_charges_once(rt: Runtime, sandbox: Sandbox
         assert len(successful_charges(sandbox, invoice_id)) == 1
 
 
-def test_worker_killed_after_write_ahead_before_the_call(rt: Runtime, sandbox: Sandbox) -> None:
+def test_worker_killed_after_write_ahead_before_the_call(
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock
+) -> None:
     """Died between committing the attempt and calling Fatora: nothing is charged until verify
     has waited out the grace period, then exactly one charge."""
     _, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
@@ -195,6 +202,7 @@ def test_worker_killed_after_write_ahead_before_the_call(rt: Runtime, sandbox: S
     # grace period: only after both does 'not found' mean 'never charged'.
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     collect_invoices(rt, [invoice_id])
+    clock.advance(timedelta(minutes=1))  # past the quick retry's backoff
     collect_invoices(rt, [invoice_id])
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
     statuses = [a.status for a in attempts_of(rt, invoice_id)]

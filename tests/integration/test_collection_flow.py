@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -123,6 +124,7 @@ def test_a_failure_while_recording_leaves_no_call_running_and_loses_no_charge(
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     for _ in range(3):
         collect_invoices(rt, invoice_ids)
+        clock.advance(timedelta(minutes=1))  # past the quick retries' backoff
     for invoice_id in invoice_ids:
         assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
         assert len(successful_charges(sandbox, invoice_id)) == 1
