@@ -28,8 +28,9 @@ from billing.fatora.client import FatoraClient
 from billing.fatora.sandbox import Sandbox, ServerHandle, start_server_in_thread
 from billing.lifecycle import InvoiceStatus
 from billing.locks import PostgresAdvisoryLocker
-from billing.models import ChargeAttempt, Invoice
+from billing.models import CardToken, ChargeAttempt, Event, Invoice, Subscription
 from billing.runtime import Runtime
+from billing.services import control
 from schedules.renewal import run_renewal_pass
 from schedules.sweeps import due_retries, run_janitor
 from tests.factories import age_attempts, seed_plans, subscriber
@@ -377,3 +378,67 @@ def test_the_command_line_drives_a_billing_day_against_real_workers(
             ).scalars()
         )
     assert {str(c["order_id"]) for c in taken} == on_record, "a charge is not on record"
+
+
+def test_ambiguous_answers_and_a_broken_route_charge_every_card_exactly_once(
+    clean_db: Engine,
+    gateway_server: ServerHandle,
+    workers: Workers,
+    broker: Celery,
+    token_key: str,
+) -> None:
+    """Invariant, with real workers on Redis and PostgreSQL: against a gateway whose edge
+    answers HTML 504s for charges that land later, holds requests, lags on verify, accepts in
+    shapes nobody documented, says PROCESSING or ERROR after taking the money, and whose
+    collect route is broken for a while: every card is charged exactly once per period, every
+    charge is recorded as a paid invoice, and no card dies and no customer is dunned for a
+    failure that was not theirs."""
+    rt = _runtime(clean_db, gateway_server, token_key)
+    clock = DatabaseClock(clean_db)
+    clock.set(START)
+    seed_plans(rt)
+    sandbox = gateway_server.sandbox
+    behaviours = [
+        "edge_504_lands_later",
+        "timeout_lands_later",
+        "verify_lags",
+        "approved_shape",
+        "processing",
+        "error_envelope_after_charge",
+        "success",
+    ]
+    for i in range(14):
+        subscriber(rt, sandbox, [behaviours[i % len(behaviours)]], name=f"a{i}")
+    workers.start("w1")
+    workers.start("w2")
+    for month in range(2):
+        clock.set(START + timedelta(days=31 * month))
+        ids = run_renewal_pass(rt).invoice_ids
+        assert len(ids) == 14
+        if month == 0:
+            sandbox.broken_routes = {"collect-payment"}  # a wrong route, for a while
+            _send(broker, ids)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with rt.sessions() as session:
+                    if control.collection_paused(session) is not None:
+                        break
+                time.sleep(0.2)
+            sandbox.broken_routes = set()
+            with rt.sessions() as session, session.begin():
+                assert control.resume_collection(session, clock.now())
+        _send(broker, ids)
+        _send(broker, ids)  # and delivered twice
+        _settle_everything(rt, broker)
+    assert _assert_exactly_once(rt, sandbox) == 28
+    with rt.sessions() as session:
+        cards = list(session.execute(select(CardToken.status)).scalars())
+        failed = session.execute(
+            select(Event.id).where(
+                Event.kind.in_(["invoice.payment_failed", "alert.duplicate_payment"])
+            )
+        ).all()
+        subs = list(session.execute(select(Subscription.status)).scalars())
+    assert set(cards) == {"active"}
+    assert failed == []
+    assert set(subs) == {"active"}
