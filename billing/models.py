@@ -150,6 +150,11 @@ class PlanPrice(Base):
     )
 
 
+# The predicates of the partial indexes for renewal and quarantine (the migrations repeat them).
+_DUE_SQL = "next_billing_at IS NOT NULL AND quarantined_at IS NULL"
+_QUARANTINED_SQL = "quarantined_at IS NOT NULL"
+
+
 class Subscription(Base):
     __tablename__ = "subscriptions"
 
@@ -168,17 +173,30 @@ class Subscription(Base):
     cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     canceled_at: Mapped[datetime | None]
     paused_at: Mapped[datetime | None]
+    # Set aside after renewing it raised (billing/services/quarantine.py): since when, why (the
+    # exception's class and a short message), and when it is tried again.
+    quarantined_at: Mapped[datetime | None]
+    quarantine_reason: Mapped[str | None] = mapped_column(String(200))
+    quarantine_retry_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
     __table_args__ = (
         CheckConstraint(_in("status", SubscriptionStatus), name="status"),
-        # The due finder's index: only rows with something to bill are in it.
+        # The due finder's index: only rows with something to bill, and not in quarantine, are
+        # in it, so the due scan never wades through quarantined rows (see 0004_quarantine).
         Index(
             "ix_subscriptions_due",
             "next_billing_at",
-            postgresql_where=text("next_billing_at IS NOT NULL"),
-            sqlite_where=text("next_billing_at IS NOT NULL"),
+            postgresql_where=text(_DUE_SQL),
+            sqlite_where=text(_DUE_SQL),
+        ),
+        # Quarantined rows by their retry time: the renewal's retries and `quarantine list`.
+        Index(
+            "ix_subscriptions_quarantined",
+            "quarantine_retry_at",
+            postgresql_where=text(_QUARANTINED_SQL),
+            sqlite_where=text(_QUARANTINED_SQL),
         ),
     )
 
@@ -205,6 +223,11 @@ class Invoice(Base):
     paid_at: Mapped[datetime | None]
     # The attempt that paid it (no foreign key: attempts already point at their invoice).
     paid_attempt_id: Mapped[int | None] = mapped_column(Integer)
+    # Set aside after its write-ahead raised (billing/services/quarantine.py); while it is,
+    # next_attempt_at is no earlier than quarantine_retry_at.
+    quarantined_at: Mapped[datetime | None]
+    quarantine_reason: Mapped[str | None] = mapped_column(String(200))
+    quarantine_retry_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -217,6 +240,12 @@ class Invoice(Base):
             "next_attempt_at",
             postgresql_where=text("next_attempt_at IS NOT NULL"),
             sqlite_where=text("next_attempt_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_invoices_quarantined",
+            "quarantine_retry_at",
+            postgresql_where=text(_QUARANTINED_SQL),
+            sqlite_where=text(_QUARANTINED_SQL),
         ),
     )
 

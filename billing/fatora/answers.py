@@ -55,7 +55,8 @@ class Answer(StrEnum):
     NO_ANSWER = "no_answer"  # the request may have been written; no complete answer came
     SUCCESS = "success"  # 2xx, envelope SUCCESS (verify: a payment report, whatever its word)
     PENDING = "pending"  # 2xx, envelope PENDING
-    AUTH = "auth"  # 401/403, or an envelope whose words are about the merchant's key
+    AUTH = "auth"  # HTTP 401/403: refused before anything was processed
+    KEY_WORDS = "key_words"  # an envelope whose words are about the merchant's key or account
     HARD_DECLINE = "hard_decline"  # envelope naming a dead token or a card that cannot recur
     SOFT_DECLINE = "soft_decline"  # envelope naming a decline worth retrying; 402; FAILURE payment
     NOT_FOUND = "not_found"  # envelope saying the payment (or order) does not exist
@@ -112,6 +113,9 @@ VERDICTS: dict[tuple[Call, Answer], Verdict] = {
     (Call.COLLECT, Answer.AUTH): _V(
         Money.NO, Then.PAUSE_AUTH, "the merchant's key was refused: nothing was processed"
     ),
+    (Call.COLLECT, Answer.KEY_WORDS): _V(
+        Money.MAYBE, Then.PAUSE_AUTH, "words about the key, not a 401: verify before believing"
+    ),
     (Call.COLLECT, Answer.HARD_DECLINE): _V(
         Money.NO, Then.DUN_HARD, "Fatora declined: the token can never succeed"
     ),
@@ -137,7 +141,7 @@ VERDICTS: dict[tuple[Call, Answer], Verdict] = {
         Money.MAYBE, Then.PAUSE_SYSTEMIC, "not Fatora's answer: a broken route or base URL"
     ),
     (Call.COLLECT, Answer.TEST_MODE): _V(
-        Money.NO, Then.PAUSE_SYSTEMIC, "a test-mode key in live mode moves no real money"
+        Money.TAKEN, Then.PAUSE_SYSTEMIC, "a test-mode answer in live mode: a wrong key or URL"
     ),
     # -- verify ---------------------------------------------------------------------------
     (Call.VERIFY, Answer.NOT_SENT): _V(Money.MAYBE, Then.VERIFY_LATER, "nothing was asked"),
@@ -148,6 +152,9 @@ VERDICTS: dict[tuple[Call, Answer], Verdict] = {
     ),
     (Call.VERIFY, Answer.AUTH): _V(
         Money.MAYBE, Then.PAUSE_AUTH, "the merchant's key was refused: nothing is known"
+    ),
+    (Call.VERIFY, Answer.KEY_WORDS): _V(
+        Money.MAYBE, Then.PAUSE_AUTH, "words about the key: nothing is known"
     ),
     (Call.VERIFY, Answer.HARD_DECLINE): _V(
         Money.MAYBE, Then.VERIFY_LATER, "decline words without a payment say nothing on verify"
@@ -188,41 +195,47 @@ def _pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(r"\b(?:" + "|".join(phrases) + r")")
 
 
-# About the merchant's credentials. Checked before any decline phrase: in Fatora's older API the
-# merchant key is called a "token", so "merchant token expired" must not kill a customer's card.
-_AUTH_RE = _pattern(
+# About the merchant's credentials or account. Checked before any decline phrase: in Fatora's
+# older API the merchant key is called a "token", so "Merchant token expired", "Invalid token"
+# or "Access token expired" must not kill a customer's card. A "token" that is not a card's is
+# the merchant's.
+_KEY_RE = _pattern(
     (
         r"api ?key",
         r"apikey",
-        r"unauthori[sz]ed",
-        r"forbidden",
-        r"merchant (?:api )?(?:token|key)",
-        r"invalid (?:merchant|key)",
-        r"inactive (?:merchant|key)",
-        r"authenticat",
-        r"access denied",
+        r"merchant",
+        r"access token",
+        r"invalid key",
+        r"inactive key",
     )
 )
-_HARD_RE = _pattern(
+_CARD_RE = re.compile(r"\bcard\b")
+_TOKEN_RE = re.compile(r"\btokens?\b")
+_REFUSED_RE = _pattern((r"unauthori[sz]ed", r"forbidden"))
+# A card's end: only when the text names the card ("card", "card token"), or recurring itself.
+_CARD_DEAD_RE = _pattern(
     (
         r"expired",
         r"expiry",
         r"deactivated",
-        r"inactive token",
-        r"invalid (?:card )?token",
-        r"token not found",
-        r"token is invalid",
+        r"inactive",
+        r"invalid",
+        r"not found",
+        r"lost",
+        r"stolen",
+        r"pick up",
+        r"restricted",
+        r"closed",
+        r"no such",
+    )
+)
+_NO_RECURRING_RE = _pattern(
+    (
         r"can ?not recur",
         r"can't recur",
         r"recurring (?:is )?not (?:supported|allowed)",
         r"(?:does )?not support recurring",
         r"debit card",
-        r"lost card",
-        r"stolen card",
-        r"pick up card",
-        r"restricted card",
-        r"invalid card number",
-        r"no such card",
     )
 )
 _SOFT_RE = _pattern(
@@ -234,6 +247,9 @@ _SOFT_RE = _pattern(
         r"exceeds",
         r"limit exceeded",
         r"issuer unavailable",
+        r"(?:cardholder )?authentication failed",
+        r"3 ?d ?secure",
+        r"3ds",
     )
 )
 # "Not found" counts only when it is about a payment: "route not found" says nothing of money.
@@ -241,8 +257,20 @@ _NOT_FOUND_RE = _pattern((r"not found", r"doesn't found", r"does not exists?", r
 _PAYMENT_RE = _pattern((r"payment", r"order", r"transaction"))
 
 
-def reads_as_auth(text: str) -> bool:
-    return _AUTH_RE.search(normalise(text)) is not None
+def reads_as_auth(text: str, *, bare_token_is_key: bool = True) -> bool:
+    """True when the text is about the merchant's key or account, not a customer's card.
+
+    ``bare_token_is_key``: a "token" the text does not call a card's is the merchant's (on a
+    charge; a call about a card token, like deactivate, says "token" for the card's).
+    """
+    words = normalise(text)
+    if _KEY_RE.search(words):
+        return True
+    if _CARD_RE.search(words) is not None:
+        return False
+    if _REFUSED_RE.search(words):
+        return True
+    return bare_token_is_key and _TOKEN_RE.search(words) is not None
 
 
 def reads_as_not_found(text: str) -> bool:
@@ -251,10 +279,10 @@ def reads_as_not_found(text: str) -> bool:
 
 
 def decline_words(text: str) -> Answer | None:
-    """HARD_DECLINE or SOFT_DECLINE when the text names a decline, else None (hard first: a
-    text naming both kinds, "declined: expired card", must not retry a dead token)."""
+    """HARD_DECLINE or SOFT_DECLINE when the text names a decline, else None. Hard only when it
+    names the card (or recurring): "expired" alone may be a merchant's key or a request."""
     words = normalise(text)
-    if _HARD_RE.search(words):
+    if _NO_RECURRING_RE.search(words) or (_CARD_RE.search(words) and _CARD_DEAD_RE.search(words)):
         return Answer.HARD_DECLINE
     if _SOFT_RE.search(words):
         return Answer.SOFT_DECLINE
@@ -289,8 +317,8 @@ def classify(
         if 200 <= status < 300 and looks_like_json:
             return Answer.GARBLED
         return Answer.FOREIGN
-    if reads_as_auth(text):
-        return Answer.AUTH
+    if reads_as_auth(text, bare_token_is_key=call is Call.COLLECT):
+        return Answer.KEY_WORDS
     if 200 <= status < 300:
         if envelope_word == "SUCCESS":
             return Answer.SUCCESS

@@ -285,6 +285,8 @@ def error_from_response(
     if answer is Answer.UNCLEAR:
         text = desc or f"unclear answer (HTTP {status})"
         return UnclearAnswer(text, http_status=status, error_code=code)
+    if answer is Answer.KEY_WORDS:
+        return AuthenticationFailed(desc, http_status=status, error_code=code, answer=answer)
     error_class: dict[Answer, type[FatoraError]] = {
         Answer.AUTH: AuthenticationFailed,
         Answer.HARD_DECLINE: HardDecline,

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from billing.attempts import (
@@ -44,7 +44,7 @@ from billing.attempts import (
     sent_bound,
 )
 from billing.db import id_in
-from billing.fatora.answers import Call, Money, Then, verdict
+from billing.fatora.answers import Call, Money, Then, reads_as_auth, verdict
 from billing.fatora.errors import Declined, FatoraError, OutcomeUnknown
 from billing.fatora.retry import retry_decision
 from billing.fatora.types import DeclineKind, Payment, PaymentStatus
@@ -66,6 +66,11 @@ RECORD_WITHIN_S = 0.5
 LOCK_CHECK_S = 1.0
 # When the fast retries of a transient fault are used up, try again this often (and alert once).
 SLOW_RETRY = timedelta(hours=6)
+# Transient failures of one invoice after which, if others are being collected, its card is
+# taken to be at fault (5 fast retries, then about two days of slow ones).
+TRANSIENT_LIMIT = 12
+# A lasting problem's alert is raised again after this long.
+ALERT_REPEAT = timedelta(days=1)
 # A failure of our own before any request was sent (a token that cannot be decrypted) is
 # retried this often, with an alert: it needs a human, not a loop.
 INTERNAL_RETRY = timedelta(days=1)
@@ -76,6 +81,9 @@ BREAKER_SHARE = 0.5
 # Hard declines are held back until this many answers have come in (or the run ends), so that
 # the breaker judges a sample before a single card is marked dead.
 BREAKER_SAMPLE = 10
+# The same breaker over every worker's attempts settled in the last FLEET_WINDOW.
+FLEET_WINDOW = timedelta(hours=1)
+FLEET_MIN_HARD = 10
 
 # Outcome classifications that mean "the system is broken, not the customer's card".
 _PAUSING = {"auth_error": "authentication failed", "systemic": "the gateway route is broken"}
@@ -122,6 +130,8 @@ class _Call:
     ending: CallEnding | None
     created_wall_at: datetime
     sent_wall_at: datetime | None = None
+    # A decline the collect answered but verify could not confirm yet (see _confirm_decline).
+    held_decline: DeclineKind | None = None
     ciphertext: bytes | None = field(default=None, repr=False)
 
     def outcome(self, status: AttemptStatus, **fields: object) -> Outcome:
@@ -144,6 +154,8 @@ class _Run:
     seen: int = 0
     hard: int = 0
     tripped: bool = False
+    _verify_trusted: bool | None = None
+    _canary_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def halt(self, reason: str) -> None:
         if not self.stop.is_set():
@@ -152,6 +164,34 @@ class _Run:
 
     def implausible(self) -> bool:
         return self.hard >= BREAKER_MIN_HARD and self.hard >= BREAKER_SHARE * self.seen
+
+    def verify_trusted(self, rt: Runtime) -> bool:
+        """May verify's 'not found' be believed? Once per run, verify is asked about the latest
+        payment on record: a route that does not find a payment known to exist (a misrouted
+        verify answering a JSON 404) must not write charges off as never made."""
+        with self._canary_lock:
+            if self._verify_trusted is None:
+                self._verify_trusted = _canary(rt)
+            return self._verify_trusted
+
+
+def _canary(rt: Runtime) -> bool:
+    with rt.sessions() as session:
+        known = session.execute(
+            select(ChargeAttempt)
+            .where(ChargeAttempt.status == AttemptStatus.SUCCEEDED.value)
+            .order_by(ChargeAttempt.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        if known is None:
+            return True  # nothing known yet to check verify against
+        order_id, transaction_id = known.order_id, known.transaction_id
+    try:
+        payment = rt.gateway.verify(order_id, transaction_id)
+    except Exception as exc:
+        log.error("verify does not find %s, a payment on record (%s)", order_id, type(exc))
+        return False
+    return payment.status is PaymentStatus.SUCCESS
 
 
 @dataclass
@@ -195,7 +235,7 @@ def collect_invoices(
         unresolved = _unresolved_calls(rt, held.ids)
         if unresolved:
             now_wall = datetime.now(UTC)
-            verify = lambda c: _verify(rt, c, now_wall)  # noqa: E731
+            verify = lambda c: _verify(rt, c, now_wall, run)  # noqa: E731
             _exchange(rt, pool, unresolved, verify, report, held, run)
         if not settle_only and not run.stop.is_set():
             calls = _start_attempts(rt, held.ids, report)
@@ -352,11 +392,21 @@ def _call_of(attempt: ChargeAttempt, ciphertext: bytes | None = None) -> _Call:
         ending=CallEnding(attempt.call_ending) if attempt.call_ending else None,
         created_wall_at=attempt.created_wall_at,
         sent_wall_at=attempt.sent_wall_at,
+        held_decline=_held_decline(attempt),
         ciphertext=ciphertext,
     )
 
 
-def _verify(rt: Runtime, call: _Call, now_wall: datetime) -> Outcome:
+def _held_decline(attempt: ChargeAttempt) -> DeclineKind | None:
+    if attempt.call_ending != CallEnding.ANSWERED.value:
+        return None
+    for kind in DeclineKind:
+        if attempt.classification == f"{kind.value}_decline":
+            return kind
+    return None
+
+
+def _verify(rt: Runtime, call: _Call, now_wall: datetime, run: _Run) -> Outcome:
     """Ask the gateway what became of an attempt; only a clear answer settles it."""
     try:
         payment = rt.gateway.verify(call.order_id, call.transaction_id)
@@ -364,7 +414,21 @@ def _verify(rt: Runtime, call: _Call, now_wall: datetime) -> Outcome:
         then = verdict(Call.VERIFY, exc.answer).then
         if then is Then.NOT_FOUND_RULE:
             sent_by = sent_bound(call.created_wall_at, call.sent_wall_at)
-            if not_found_is_final(call.ending, sent_by, now_wall, rt.unknown_grace):
+            final = not_found_is_final(call.ending, sent_by, now_wall, rt.unknown_grace)
+            if final and not run.verify_trusted(rt):
+                return call.outcome(
+                    AttemptStatus.UNKNOWN,
+                    description="verify does not find a payment on record",
+                    classification="systemic",
+                )
+            if final and call.held_decline is not None:
+                kind = call.held_decline
+                return call.outcome(
+                    AttemptStatus.DECLINED,
+                    decline_kind=kind,
+                    classification=f"{kind.value}_decline",
+                )
+            if final:
                 return call.outcome(
                     AttemptStatus.FAILED,
                     description="not found at gateway",
@@ -417,6 +481,9 @@ def _judge(rt: Runtime, call: _Call, payment: Payment) -> Outcome:
         return call.outcome(AttemptStatus.SUCCEEDED, classification="paid", **common)
     if payment.status is PaymentStatus.PENDING:
         return call.outcome(AttemptStatus.PENDING, classification="pending", **common)
+    if reads_as_auth(payment.description or ""):
+        # Failed for the merchant's key or account, not the card: no money, nobody dunned.
+        return call.outcome(AttemptStatus.FAILED, classification="auth_error", **common)
     kind = payment.decline_kind or DeclineKind.SOFT
     return call.outcome(
         AttemptStatus.DECLINED,
@@ -562,7 +629,7 @@ def _charge(rt: Runtime, call: _Call, run: _Run) -> Outcome:
     try:
         collected = rt.gateway.collect_payment(token, call.order_id, call.amount, call.currency)
     except FatoraError as exc:
-        return _after_collect_error(rt, sent, exc)
+        return _after_collect_error(rt, sent, exc, run)
     except Exception as exc:  # a bug after the request may have left: unknown, never lost
         log.exception("collect failed for attempt %s", call.attempt_id)
         unclear = replace(sent, ending=CallEnding.NO_ANSWER)
@@ -573,7 +640,7 @@ def _charge(rt: Runtime, call: _Call, run: _Run) -> Outcome:
         ending=CallEnding.ACCEPTED,
         transaction_id=collected.transaction_id or call.transaction_id,
     )
-    return _verify(rt, accepted, datetime.now(UTC))
+    return _verify(rt, accepted, datetime.now(UTC), run)
 
 
 def _not_sent(call: _Call, reason: str) -> Outcome:
@@ -594,11 +661,20 @@ _NO_MONEY_CLASS = {
 }
 
 
-def _after_collect_error(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
+def _after_collect_error(rt: Runtime, call: _Call, exc: FatoraError, run: _Run) -> Outcome:
     """A collect answer other than SUCCESS/PENDING, judged by ``answers.VERDICTS``."""
     judged = verdict(Call.COLLECT, exc.answer)
     if judged.then in (Then.DUN_SOFT, Then.DUN_HARD):
         return _confirm_decline(rt, call, exc)
+    if judged.money is Money.TAKEN:
+        # Accepted, yet something is wrong (a test-mode answer in live mode): taken-or-unknown.
+        accepted = replace(call, ending=CallEnding.ACCEPTED)
+        return accepted.outcome(
+            AttemptStatus.UNKNOWN,
+            description=_why(exc),
+            classification=_pausing_class(judged.then),
+            error=exc,
+        )
     if judged.money is Money.NO:
         ending = CallEnding.NOT_SENT if judged.then is Then.RETRY else CallEnding.ANSWERED
         return call.outcome(
@@ -610,7 +686,7 @@ def _after_collect_error(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
         )
     # Money may have moved: verify at once (it often settles it), else it stays unknown.
     unclear = replace(call, ending=CallEnding.NO_ANSWER)
-    settled = _verify(rt, unclear, datetime.now(UTC))
+    settled = _verify(rt, unclear, datetime.now(UTC), run)
     if settled.status not in (AttemptStatus.UNKNOWN, AttemptStatus.FAILED):
         return settled  # verify knows the payment: that is the answer, whatever collect said
     pausing = _pausing_class(judged.then)
@@ -623,7 +699,11 @@ def _after_collect_error(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
 
 
 def _confirm_decline(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
-    """Check a decline with verify: a 'declined' answer is not trusted over a verified payment."""
+    """Check a decline with verify: a 'declined' answer is not trusted over a verified payment,
+    and is final only once verify reports the failed payment. If verify does not know it (yet),
+    the decline is held: the attempt stays unknown, and becomes a decline only when 'not found'
+    is final (a grace period after the send), so a lying or lagging gateway cannot charge twice.
+    """
     kind = exc.kind if isinstance(exc, Declined) else DeclineKind.SOFT
     declined = call.outcome(
         AttemptStatus.DECLINED,
@@ -635,7 +715,7 @@ def _confirm_decline(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
     try:
         payment = rt.gateway.verify(call.order_id, None)
     except FatoraError:
-        return declined  # a clear decline in Fatora's envelope: no payment to find
+        return replace(declined, status=AttemptStatus.UNKNOWN, decline_kind=None)
     if payment.status is PaymentStatus.FAILURE:
         return replace(
             declined,
@@ -665,9 +745,11 @@ def _record(
         now = rt.clock.now()
         subs, invoices = _lock_rows(session, (call.invoice_id for call, _ in results))
         attempts = _load(session, ChargeAttempt, (c.attempt_id for c, _ in results), lock=True)
+        wall = datetime.now(UTC)
         for call, outcome in results:
             attempt = attempts[call.attempt_id]
             invoice = invoices[call.invoice_id]
+            outcome = _still_never_charged(attempt, outcome, wall, rt.unknown_grace)
             if not _may_record(attempt, outcome):
                 report.note(invoice.id, "already_settled")
                 continue
@@ -675,6 +757,20 @@ def _record(
             word = _move_invoice(session, invoice, attempt, outcome, now, report)
             report.note(invoice.id, word)
         del subs  # held so that the session's (weak) identity map keeps them for session.get
+
+
+def _still_never_charged(
+    attempt: ChargeAttempt, outcome: Outcome, wall: datetime, grace: timedelta
+) -> Outcome:
+    """A 'never charged' read from a snapshot, checked again against the locked row: another
+    worker may have recorded meanwhile that the gateway accepted the charge, or when it sent."""
+    if outcome.classification != "never_charged":
+        return outcome
+    ending = CallEnding(attempt.call_ending) if attempt.call_ending else None
+    sent_by = sent_bound(attempt.created_wall_at, attempt.sent_wall_at)
+    if not_found_is_final(ending, sent_by, wall, grace):
+        return outcome
+    return replace(outcome, status=AttemptStatus.UNKNOWN, classification=None)
 
 
 def _may_record(attempt: ChargeAttempt, outcome: Outcome) -> bool:
@@ -764,12 +860,18 @@ def _move_invoice(
         return status.value if status is AttemptStatus.PENDING else "unknown"
     if status is AttemptStatus.DECLINED:
         assert outcome.decline_kind is not None
-        invoice.transient_count = 0
+        if outcome.decline_kind is DeclineKind.HARD and _hard_declines_implausible(session, now):
+            control.pause_collection(session, "implausible share of hard declines", now)
+            invoice.next_attempt_at = now
+            return "suspect_decline"
         if outcome.decline_kind is DeclineKind.HARD:
             card = session.get(CardToken, attempt.card_token_id)
             if card is not None and card.status == CardStatus.ACTIVE.value:
                 card.status = CardStatus.DEAD.value
                 card.status_reason = (outcome.description or "hard decline")[:200]
+        if invoice.status != InvoiceStatus.OPEN.value:
+            return "declined_after_close"  # paid (or voided) meanwhile: no dunning
+        invoice.transient_count = 0
         dunning_flow.declined(session, invoice, attempt, outcome.decline_kind, now)
         return f"{outcome.decline_kind.value}_declined"
     # FAILED: no money was taken.
@@ -787,16 +889,28 @@ def _move_invoice(
         return "rejected"
     if kind == "internal":
         invoice.next_attempt_at = now + INTERNAL_RETRY
-        _alert_once(session, "alert.charge_internal_error", invoice, attempt, outcome, now)
+        _alert_daily(session, "alert.charge_internal_error", invoice, attempt, outcome, now)
         return "internal_error"
     if kind == "not_sent":
         invoice.next_attempt_at = now  # nothing happened: the next sweep picks it up
         return "not_sent"
-    _schedule_transient_retry(session, invoice, attempt, outcome, now, report)
-    return "retry"
+    return _schedule_transient_retry(session, invoice, attempt, outcome, now, report)
 
 
-def _alert_once(
+def _hard_declines_implausible(session: Session, now: datetime) -> bool:
+    """The breaker across runs and workers: over the last hour, at least FLEET_MIN_HARD hard
+    declines and at least BREAKER_SHARE of all settled attempts (small runs, retries and
+    several workers each see too little to judge)."""
+    since = now - FLEET_WINDOW
+    settled = ChargeAttempt.settled_at >= since
+    total = session.execute(select(func.count()).where(settled)).scalar_one()
+    hard = session.execute(
+        select(func.count()).where(settled, ChargeAttempt.classification == "hard_decline")
+    ).scalar_one()
+    return hard >= FLEET_MIN_HARD and hard >= BREAKER_SHARE * total
+
+
+def _alert_daily(
     session: Session,
     kind: str,
     invoice: Invoice,
@@ -804,18 +918,43 @@ def _alert_once(
     outcome: Outcome,
     now: datetime,
 ) -> None:
-    """Raise ``kind`` for this invoice unless it was raised before (a loop must not flood)."""
+    """Raise ``kind`` for this invoice unless it was raised in the last day: a problem that
+    lasts is repeated, a loop does not flood."""
     raised = session.execute(
-        select(Event.id).where(Event.kind == kind, Event.invoice_id == invoice.id).limit(1)
+        select(Event.id)
+        .where(
+            Event.kind == kind,
+            Event.invoice_id == invoice.id,
+            Event.created_at > now - ALERT_REPEAT,
+        )
+        .limit(1)
     ).first()
     if raised is None:
         record_event(
             session,
             kind,
             invoice=invoice,
-            payload={"attempt_id": attempt.id, "reason": (outcome.description or "")[:200]},
+            payload={
+                "attempt_id": attempt.id,
+                "transient_count": invoice.transient_count,
+                "reason": (outcome.description or "")[:200],
+            },
             now=now,
         )
+
+
+def _others_are_collected(session: Session, invoice: Invoice, now: datetime) -> bool:
+    """Did other invoices get paid lately? Then the gateway works, and this card is at fault."""
+    paid = session.execute(
+        select(ChargeAttempt.id)
+        .where(
+            ChargeAttempt.status == AttemptStatus.SUCCEEDED.value,
+            ChargeAttempt.settled_at >= now - SLOW_RETRY,
+            ChargeAttempt.invoice_id != invoice.id,
+        )
+        .limit(1)
+    ).first()
+    return paid is not None
 
 
 def _schedule_transient_retry(
@@ -825,20 +964,26 @@ def _schedule_transient_retry(
     outcome: Outcome,
     now: datetime,
     report: CollectionReport,
-) -> None:
-    """Nothing was charged for a transient reason: try again soon with backoff and jitter, and
-    once the fast retries are used up, slowly and with an alert (never an endless quiet loop).
-    The count is kept until the invoice is paid or declined."""
+) -> str:
+    """Nothing was charged for a transient reason: try again soon with backoff and jitter. Once
+    the fast retries are used up, every SLOW_RETRY with an alert repeated daily; past
+    TRANSIENT_LIMIT failures, while other customers are being charged (so the gateway works),
+    the card is at fault and the invoice takes a dunning step: never an endless quiet loop.
+    The count is kept until the invoice is paid or takes a dunning step."""
     invoice.transient_count += 1
+    invoice.updated_at = now
     error = outcome.error if isinstance(outcome.error, FatoraError) else _NeverArrived()
     decision = retry_decision(error, invoice.transient_count)
     if decision.retry and decision.delay_s is not None:
         invoice.next_attempt_at = now + timedelta(seconds=decision.delay_s)
         report.retry_in[invoice.id] = round(decision.delay_s, 3)
-    else:
-        invoice.next_attempt_at = now + SLOW_RETRY
-        _alert_once(session, "alert.collection_stalled", invoice, attempt, outcome, now)
-    invoice.updated_at = now
+        return "retry"
+    if invoice.transient_count >= TRANSIENT_LIMIT and _others_are_collected(session, invoice, now):
+        dunning_flow.card_keeps_failing(session, invoice, attempt, now)
+        return "card_keeps_failing"
+    invoice.next_attempt_at = now + SLOW_RETRY
+    _alert_daily(session, "alert.collection_stalled", invoice, attempt, outcome, now)
+    return "retry_later"
 
 
 class _NeverArrived(OutcomeUnknown):

@@ -167,6 +167,14 @@ def declined(
     _dunning_step(session, invoice, now, reason=f"{kind.value}_decline", attempt=attempt)
 
 
+def card_keeps_failing(
+    session: Session, invoice: Invoice, attempt: ChargeAttempt, now: datetime
+) -> None:
+    """Transient failures on this card alone, past every retry: a dunning step that asks the
+    customer for another card (the gateway works for everyone else)."""
+    _dunning_step(session, invoice, now, reason="card_keeps_failing", attempt=attempt)
+
+
 def no_usable_card(session: Session, invoice: Invoice, now: datetime) -> None:
     """No live card to charge: a dunning step without a gateway call, asking for a new card."""
     _dunning_step(session, invoice, now, reason="no_usable_card", attempt=None)

@@ -7,12 +7,16 @@ never a card token.
 ``record_event`` keeps the row with the session's transaction; when that transaction commits,
 its rows are written with one multi-row insert (after a flush, so that what they point at
 exists). A transaction that rolls back, or a session closed without committing, writes none of
-them. Events are not recorded inside a savepoint (whose own rollback could not take them back
-alone), and rows recorded in a transaction cannot be read back before it commits.
+them. Events are not recorded inside a bare savepoint (whose own rollback could not take them
+back alone); ``savepoint`` opens one that takes its events with it: kept for the outer commit if
+it is released, dropped if it rolls back. Rows recorded in a transaction cannot be read back
+before it commits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +26,8 @@ from sqlalchemy.orm import Session, SessionTransaction
 from billing.models import Event, Invoice, Subscription
 
 _OUTBOX = "billing.outbox"
+# How many ``savepoint`` blocks are open on the session (events may be recorded in them).
+_SAVEPOINTS = "billing.outbox.savepoints"
 
 
 def record_event(
@@ -34,8 +40,11 @@ def record_event(
     customer_id: int | None = None,
     payload: dict[str, Any] | None = None,
 ) -> None:
-    if session.in_nested_transaction():
-        raise RuntimeError("events are recorded in the outer transaction, not in a savepoint")
+    if session.in_nested_transaction() and not session.info.get(_SAVEPOINTS):
+        raise RuntimeError(
+            "events are recorded in the outer transaction, or in events.savepoint, "
+            "not in a bare savepoint"
+        )
     session.connection()  # the row belongs to the transaction open now (begun if need be)
     subscription_id = subscription.id if subscription is not None else None
     if invoice is not None and subscription_id is None:
@@ -52,6 +61,28 @@ def record_event(
             "created_at": now,
         }
     )
+
+
+@contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """A savepoint (``session.begin_nested()``) that events may be recorded in.
+
+    Leaving the block normally releases the savepoint, and its events join the outer
+    transaction's (written when that commits); leaving it by an exception rolls the savepoint
+    back, drops the events recorded in it, and re-raises.
+    """
+    session.connection()  # the outer transaction, begun if need be: the rows belong to it
+    rows: list[dict[str, Any]] = session.info.setdefault(_OUTBOX, [])
+    mark = len(rows)
+    session.info[_SAVEPOINTS] = session.info.get(_SAVEPOINTS, 0) + 1
+    try:
+        with session.begin_nested():
+            yield
+    except BaseException:
+        del rows[mark:]
+        raise
+    finally:
+        session.info[_SAVEPOINTS] -= 1
 
 
 @event.listens_for(Session, "before_commit")

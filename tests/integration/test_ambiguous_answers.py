@@ -405,8 +405,8 @@ def _kill_lock_connection(engine: Engine, after_s: float) -> None:
 def test_a_token_that_cannot_be_read_is_an_internal_failure_with_an_alert(
     clean_db: Engine, gateway: Sandbox, clock: FixedClock, vault: TokenVault
 ) -> None:
-    """A failure before any request is sent charges nothing, raises one alert, and does not
-    loop every few hours: the invoice waits a day, the customer is not dunned."""
+    """A failure before any request is sent charges nothing and raises an alert, repeated daily
+    while it lasts; it does not loop every few hours, and the customer is not dunned."""
     rt = make_runtime(clean_db, gateway, clock, vault)
     (invoice_id,) = _due(rt, gateway, ["success"])
     rt.with_vault(TokenVault(new_key()))  # a key-rotation mistake: the old key is gone
@@ -414,9 +414,11 @@ def test_a_token_that_cannot_be_read_is_an_internal_failure_with_an_alert(
     invoice = invoice_of(rt, invoice_id)
     assert invoice.next_attempt_at == clock.now() + charging.INTERNAL_RETRY
     assert invoice.failure_count == 0
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "not_due"
+    assert len(_events(rt, "alert.charge_internal_error")) == 1
     clock.advance(charging.INTERNAL_RETRY)
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "internal_error"
-    assert len(_events(rt, "alert.charge_internal_error")) == 1
+    assert len(_events(rt, "alert.charge_internal_error")) == 2  # one a day
     assert gateway.charges() == []
 
 

@@ -24,7 +24,6 @@ CLEAR_NO_MONEY = {
     Answer.HARD_DECLINE,
     Answer.SOFT_DECLINE,
     Answer.REJECTED,
-    Answer.TEST_MODE,
 }
 
 
@@ -40,7 +39,7 @@ def test_collect_is_final_only_on_a_clear_answer(answer: Answer) -> None:
 
 
 def test_a_success_or_pending_collect_means_the_money_was_taken() -> None:
-    for answer in (Answer.SUCCESS, Answer.PENDING):
+    for answer in (Answer.SUCCESS, Answer.PENDING, Answer.TEST_MODE):
         assert verdict(Call.COLLECT, answer).money is Money.TAKEN
 
 
@@ -59,7 +58,7 @@ def test_verify_settles_only_with_a_payment_or_fatoras_not_found(answer: Answer)
 def test_a_systemic_failure_never_touches_a_card() -> None:
     """A broken route or key pauses collection; it is never a decline of the customer's card."""
     for call in Call:
-        for answer in (Answer.FOREIGN, Answer.AUTH):
+        for answer in (Answer.FOREIGN, Answer.AUTH, Answer.KEY_WORDS):
             assert verdict(call, answer).then in (Then.PAUSE_SYSTEMIC, Then.PAUSE_AUTH)
     assert verdict(Call.COLLECT, Answer.NOT_FOUND).then is Then.PAUSE_SYSTEMIC
 
@@ -108,13 +107,42 @@ CASES = [
     (Call.COLLECT, 200, b"", Answer.FOREIGN),
     (Call.COLLECT, 302, b"", Answer.FOREIGN),
     # Words about the merchant's key come before decline words.
-    (Call.COLLECT, 200, _env({"status": "FAILURE", "error": "Invalid API Key"}), Answer.AUTH),
+    (Call.COLLECT, 200, _env({"status": "FAILURE", "error": "Invalid API Key"}), Answer.KEY_WORDS),
     (
         Call.COLLECT,
         200,
         _env({"status": "FAILURE", "result": {"description": "Merchant token expired"}}),
-        Answer.AUTH,
+        Answer.KEY_WORDS,
     ),
+    # A bare "token" on a charge is the merchant's (the old API's name for the key).
+    (Call.COLLECT, 400, _env({"status": "ERROR", "error": "Invalid token"}), Answer.KEY_WORDS),
+    (
+        Call.COLLECT,
+        200,
+        _env({"status": "FAILURE", "error": "Access token expired"}),
+        Answer.KEY_WORDS,
+    ),
+    (Call.COLLECT, 200, _env({"status": "ERROR", "error": "authentication error"}), Answer.UNCLEAR),
+    (Call.COLLECT, 200, _env({"status": "FAILURE", "error": "Request expired"}), Answer.UNCLEAR),
+    (
+        Call.COLLECT,
+        200,
+        _env({"status": "FAILURE", "error": "Merchant daily limit exceeded"}),
+        Answer.KEY_WORDS,
+    ),
+    (
+        Call.COLLECT,
+        200,
+        _env({"status": "FAILURE", "error": "Cardholder authentication failed"}),
+        Answer.SOFT_DECLINE,
+    ),
+    (
+        Call.COLLECT,
+        200,
+        _env({"status": "FAILURE", "error": "Card token expired"}),
+        Answer.HARD_DECLINE,
+    ),
+    (Call.COLLECT, 200, _env({"status": "FAILURE", "error": "Expired"}), Answer.UNCLEAR),
     (Call.COLLECT, 403, b"<html>Forbidden</html>", Answer.AUTH),
     (Call.COLLECT, 503, _env({"status": "ERROR", "error": "Invalid API Key"}), Answer.SERVER_ERROR),
     # Clear declines and rejections in Fatora's envelope.

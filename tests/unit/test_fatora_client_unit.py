@@ -217,15 +217,23 @@ def test_collect_success_and_pending(make: Make) -> None:
         (reply(200, {"status": "FAILURE", "error": "Insufficient funds"}), SoftDecline),
         (
             reply(
-                200, {"status": "FAILURE", "error": {"error_code": 54, "description": "Expired"}}
+                200,
+                {"status": "FAILURE", "error": {"error_code": 54, "description": "Card expired"}},
             ),
             HardDecline,
+        ),
+        (
+            reply(
+                200, {"status": "FAILURE", "error": {"error_code": 54, "description": "Expired"}}
+            ),
+            UnclearAnswer,
         ),
         (
             reply(200, {"status": "FAILURE", "result": {"payment_status": "FAILURE"}}),
             SoftDecline,
         ),
-        (reply(400, {"status": "ERROR", "error": "Invalid token"}), HardDecline),
+        (reply(400, {"status": "ERROR", "error": "Invalid card token"}), HardDecline),
+        (reply(400, {"status": "ERROR", "error": "Invalid token"}), AuthenticationFailed),
         (
             reply(422, {"status": "ERROR", "error": {"description": "Qatar debit card"}}),
             HardDecline,

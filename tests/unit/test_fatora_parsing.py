@@ -460,8 +460,13 @@ CHARGE_CASES = [
     # Decline as 4xx
     (
         400,
-        b'{"status":"ERROR","error":{"error_code":1,"description":"Token is deactivated"}}',
+        b'{"status":"ERROR","error":{"error_code":1,"description":"Card token is deactivated"}}',
         HardDecline,
+    ),
+    (
+        400,  # a bare "token" on a charge may be the merchant's key (the old API's name for it)
+        b'{"status":"ERROR","error":{"error_code":1,"description":"Token is deactivated"}}',
+        AuthenticationFailed,
     ),
     (400, b'{"status":"ERROR","error":"Qatar debit card cannot recur"}', HardDecline),
     (402, b'{"status":"ERROR","error":"whatever"}', SoftDecline),
@@ -539,7 +544,7 @@ def test_error_fields_and_retry_after() -> None:
 
 
 def test_declined_errors_carry_their_kind() -> None:
-    hard = error_from_response(400, b'{"status":"ERROR","error":"expired token"}', charge=True)
+    hard = error_from_response(400, b'{"status":"ERROR","error":"expired card token"}', charge=True)
     assert isinstance(hard, HardDecline)
     assert hard.kind is DeclineKind.HARD
     soft = error_from_response(
@@ -570,11 +575,16 @@ def test_error_str_and_repr_hold_only_the_four_fields() -> None:
         ("Transaction declined", None, DeclineKind.SOFT),
         ("Generic decline", None, DeclineKind.SOFT),
         ("Card expired", None, DeclineKind.HARD),
-        ("Token Expired", None, DeclineKind.HARD),
         (None, "expired_card", DeclineKind.HARD),
-        ("token deactivated", None, DeclineKind.HARD),
-        ("Invalid Token", None, DeclineKind.HARD),
-        (None, "INVALID_TOKEN", DeclineKind.HARD),
+        ("Card token deactivated", None, DeclineKind.HARD),
+        ("Invalid card token", None, DeclineKind.HARD),
+        # A bare "token" or "expired" may be the merchant's key or the request: never a dead card.
+        ("Token Expired", None, DeclineKind.SOFT),
+        ("token deactivated", None, DeclineKind.SOFT),
+        ("Invalid Token", None, DeclineKind.SOFT),
+        (None, "INVALID_TOKEN", DeclineKind.SOFT),
+        ("Request expired", None, DeclineKind.SOFT),
+        ("Cardholder authentication failed", None, DeclineKind.SOFT),
         ("This card cannot recur", None, DeclineKind.HARD),
         ("Recurring not supported for this card", None, DeclineKind.HARD),
         ("Qatar Debit Card", None, DeclineKind.HARD),

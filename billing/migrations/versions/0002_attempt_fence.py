@@ -7,6 +7,8 @@ Create Date: 2026-11-27 02:00:00
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -22,7 +24,59 @@ _ENDINGS_NEW = (
 _ENDINGS_OLD = "call_ending IS NULL OR call_ending IN ('answered', 'no_answer', 'accepted')"
 
 
+# Attempts written off as 'never charged' this recently under the old rules are verified again.
+_REVERIFY_WITHIN = timedelta(days=7)
+
+
+def _refuse_duplicates() -> None:
+    """The fence cannot be built over the old bug's traces: name them instead of failing on a
+    unique violation."""
+    rows = op.get_bind().execute(
+        sa.text(
+            "SELECT invoice_id FROM charge_attempts "
+            "WHERE status IN ('in_flight', 'pending', 'unknown') "
+            "GROUP BY invoice_id HAVING count(*) > 1 ORDER BY invoice_id"
+        )
+    )
+    invoices = [str(row[0]) for row in rows]
+    if invoices:
+        raise RuntimeError(
+            "cannot upgrade: invoice(s) "
+            + ", ".join(invoices[:50])
+            + " have more than one charge attempt whose outcome is unknown. With every worker "
+            "stopped, run `billing reconcile` on the previous release until they are settled "
+            "(or settle them by hand from the Fatora dashboard), then upgrade again."
+        )
+
+
+def _reverify_recent_write_offs() -> None:
+    """Before this revision a 5xx or an HTML page counted as an answer and the grace was five
+    minutes: a charge written off as 'never charged' may have landed after all. The latest such
+    write-off of each invoice from the last week is made unknown again, for the janitor to
+    verify once more (the money, if any, is then recorded, or reported as a duplicate)."""
+    bind = op.get_bind()
+    cutoff = datetime.now(UTC) - _REVERIFY_WITHIN
+    if bind.dialect.name == "sqlite":
+        cutoff = cutoff.replace(tzinfo=None)
+    bind.execute(
+        sa.text(
+            "UPDATE charge_attempts SET status = 'unknown', call_ending = 'no_answer', "
+            "settled_at = NULL, next_verify_at = created_at "
+            "WHERE status = 'failed' AND description = 'not found at gateway' "
+            "AND created_wall_at > :cutoff "
+            "AND id = (SELECT max(c.id) FROM charge_attempts c "
+            "          WHERE c.invoice_id = charge_attempts.invoice_id AND c.status = 'failed' "
+            "          AND c.description = 'not found at gateway') "
+            "AND NOT EXISTS (SELECT 1 FROM charge_attempts u "
+            "          WHERE u.invoice_id = charge_attempts.invoice_id "
+            "          AND u.status IN ('in_flight', 'pending', 'unknown'))"
+        ),
+        {"cutoff": cutoff},
+    )
+
+
 def upgrade() -> None:
+    _refuse_duplicates()
     # Before this revision a 5xx or an HTML page counted as 'answered', which made a later
     # 'not found' final at once. Unresolved attempts so marked may have been charged: they are
     # read as unclear from now on.
@@ -41,6 +95,7 @@ def upgrade() -> None:
             postgresql_where=sa.text(_UNRESOLVED),
             sqlite_where=sa.text(_UNRESOLVED),
         )
+    _reverify_recent_write_offs()
 
 
 def downgrade() -> None:
