@@ -6,12 +6,14 @@ this module applies it to the rows.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from billing.attempts import UNRESOLVED
 from billing.db import id_in
 from billing.dunning import DunningPolicy, FinalAction, dunning_step, final_action_event
 from billing.fatora.types import DeclineKind
@@ -19,8 +21,9 @@ from billing.lifecycle import (
     IllegalTransition,
     InvoiceStatus,
     SubscriptionEvent,
+    SubscriptionState,
     SubscriptionStatus,
-    transition,
+    apply,
 )
 from billing.models import (
     CardStatus,
@@ -32,6 +35,8 @@ from billing.models import (
     Subscription,
 )
 from billing.services.events import record_event
+
+log = logging.getLogger("billing.dunning")
 
 
 def pick_card(sub: Subscription, cards: Iterable[CardToken], now: datetime) -> CardToken | None:
@@ -103,14 +108,32 @@ def _policy(session: Session, sub: Subscription) -> DunningPolicy:
     return DunningPolicy(row.code, tuple(row.retry_after_days), FinalAction(row.final_action))
 
 
-def _move(sub: Subscription, event: SubscriptionEvent, now: datetime) -> bool:
+def _move(session: Session, sub: Subscription, event: SubscriptionEvent, now: datetime) -> bool:
+    """Apply a charge's consequence to the (locked) subscription, through the lifecycle table.
+
+    Canceled takes no event: its invoice moves, the subscription stays. Any other refusal means
+    the table and this flow disagree: it is reported as an alert, never silently dropped (and
+    never raised, which would make the same verify fail on every later run).
+    """
+    state = SubscriptionState(SubscriptionStatus(sub.status), sub.cancel_at_period_end)
     try:
-        status = transition(SubscriptionStatus(sub.status), event).value
+        after = apply(state, event)
     except IllegalTransition:
-        return False  # e.g. canceled meanwhile: the invoice moves, the subscription stays
-    if status == sub.status:
+        if sub.status != SubscriptionStatus.CANCELED.value:
+            log.error("subscription %s: %s refused in status %s", sub.id, event.value, sub.status)
+            record_event(
+                session,
+                "alert.transition_refused",
+                subscription=sub,
+                now=now,
+                payload={"status": sub.status, "event": event.value},
+            )
+        return False
+    status = after.status.value
+    if status == sub.status and after.cancel_at_period_end == sub.cancel_at_period_end:
         return True  # e.g. a payment on an active subscription: nothing to write
     sub.status = status
+    sub.cancel_at_period_end = after.cancel_at_period_end
     sub.updated_at = now
     if sub.status == SubscriptionStatus.ACTIVE.value and sub.next_billing_at is None:
         # Back from unpaid: billing goes on where the last invoiced period ended.
@@ -125,6 +148,33 @@ def _move(sub: Subscription, event: SubscriptionEvent, now: datetime) -> bool:
     return True
 
 
+def void_open_invoices(session: Session, sub: Subscription, now: datetime) -> None:
+    """A canceled subscription is not charged any more: its open invoices are voided (locked,
+    in id order, after the subscription, like every path that writes them).
+
+    An invoice with a charge still unresolved is left open: voiding it could hide a payment;
+    the janitor settles it first.
+    """
+    invoices = session.execute(
+        select(Invoice)
+        .where(Invoice.subscription_id == sub.id, Invoice.status == InvoiceStatus.OPEN.value)
+        .order_by(Invoice.id)
+        .with_for_update()
+    ).scalars()
+    for invoice in invoices:
+        unresolved = session.execute(
+            select(ChargeAttempt.id).where(
+                ChargeAttempt.invoice_id == invoice.id,
+                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+            )
+        ).first()
+        if unresolved is not None:
+            continue
+        invoice.status = InvoiceStatus.VOID.value
+        invoice.next_attempt_at = None
+        invoice.updated_at = now
+
+
 def paid(session: Session, invoice: Invoice, attempt: ChargeAttempt, now: datetime) -> None:
     invoice.status = InvoiceStatus.PAID.value
     invoice.paid_at = now
@@ -134,7 +184,7 @@ def paid(session: Session, invoice: Invoice, attempt: ChargeAttempt, now: dateti
     invoice.updated_at = now
     sub = session.get(Subscription, invoice.subscription_id)
     assert sub is not None
-    _move(sub, SubscriptionEvent.PAYMENT_SUCCEEDED, now)
+    _move(session, sub, SubscriptionEvent.PAYMENT_SUCCEEDED, now)
     record_event(
         session,
         "invoice.paid",
@@ -206,7 +256,7 @@ def _dunning_step(
     }
     if step.retry_at is not None:
         invoice.next_attempt_at = step.retry_at
-        _move(sub, SubscriptionEvent.PAYMENT_FAILED, now)
+        _move(session, sub, SubscriptionEvent.PAYMENT_FAILED, now)
         payload["retry_at"] = step.retry_at.isoformat()
         record_event(
             session,
@@ -220,9 +270,20 @@ def _dunning_step(
     assert step.final_action is not None
     invoice.next_attempt_at = None
     invoice.status = InvoiceStatus.UNCOLLECTIBLE.value
-    _move(sub, SubscriptionEvent.PAYMENT_FAILED, now)
-    _move(sub, final_action_event(step.final_action), now)
+    # The failure first: the final action's table rows start from past_due, unpaid or paused.
+    _move(session, sub, SubscriptionEvent.PAYMENT_FAILED, now)
+    _move(session, sub, final_action_event(step.final_action), now)
     payload["final_action"] = step.final_action.value
+    payload["subscription_status"] = sub.status
+    if sub.status == SubscriptionStatus.CANCELED.value:
+        void_open_invoices(session, sub, now)
+        record_event(
+            session,
+            "subscription.canceled",
+            subscription=sub,
+            now=now,
+            payload={"reason": "dunning_exhausted"},
+        )
     record_event(
         session,
         "invoice.dunning_exhausted",

@@ -9,15 +9,15 @@ from sqlalchemy.orm import Session
 
 from billing.lifecycle import (
     IllegalTransition,
-    InvoiceStatus,
     SubscriptionEvent,
     SubscriptionState,
     SubscriptionStatus,
     apply,
     initial_status,
 )
-from billing.models import CardToken, Customer, Invoice, Plan, PlanPrice, Subscription
+from billing.models import CardToken, Customer, Plan, PlanPrice, Subscription
 from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, first_period
+from billing.services.dunning_flow import void_open_invoices
 from billing.services.errors import BillingError, NotFound
 from billing.services.events import record_event
 
@@ -107,7 +107,10 @@ def get_subscription(session: Session, sub_id: int) -> Subscription:
     return sub
 
 
-def _apply(sub: Subscription, event: SubscriptionEvent, now: datetime) -> None:
+def _apply(session: Session, sub: Subscription, event: SubscriptionEvent, now: datetime) -> None:
+    """Lock the row (reading it afresh), then apply ``event``: a cancel, a pause or a resume
+    never writes back a stale copy over a worker's change, nor a worker over theirs."""
+    session.refresh(sub, with_for_update=True)
     try:
         state = apply(
             SubscriptionState(SubscriptionStatus(sub.status), sub.cancel_at_period_end), event
@@ -121,60 +124,41 @@ def _apply(sub: Subscription, event: SubscriptionEvent, now: datetime) -> None:
 
 def cancel(session: Session, sub: Subscription, now: datetime, *, at_period_end: bool) -> None:
     if at_period_end:
-        _apply(sub, SubscriptionEvent.CANCEL_AT_PERIOD_END, now)
+        _apply(session, sub, SubscriptionEvent.CANCEL_AT_PERIOD_END, now)
         record_event(session, "subscription.cancel_scheduled", subscription=sub, now=now)
         return
-    _apply(sub, SubscriptionEvent.CANCEL, now)
+    _apply(session, sub, SubscriptionEvent.CANCEL, now)
     sub.canceled_at = now
     sub.next_billing_at = None
-    _void_open_invoices(session, sub, now)
+    void_open_invoices(session, sub, now)
     record_event(session, "subscription.canceled", subscription=sub, now=now)
 
 
 def pause(session: Session, sub: Subscription, now: datetime) -> None:
-    _apply(sub, SubscriptionEvent.PAUSE, now)
+    _apply(session, sub, SubscriptionEvent.PAUSE, now)
     sub.paused_at = now
     sub.next_billing_at = None
     record_event(session, "subscription.paused", subscription=sub, now=now)
 
 
 def resume(session: Session, sub: Subscription, now: datetime) -> None:
-    """Resume billing: a new period starts now, anchored on the moment of resumption."""
-    _apply(sub, SubscriptionEvent.RESUME, now)
-    plan = session.get(Plan, sub.plan_id)
-    customer = session.get(Customer, sub.customer_id)
-    assert plan is not None and customer is not None
-    sub.paused_at = None
-    sub.anchor_at = now
-    sub.current_period_start = None
-    sub.current_period_end = None
-    sub.next_billing_at = first_period(schedule_for(plan, now, customer.timezone), now).start
-    record_event(session, "subscription.resumed", subscription=sub, now=now)
+    """Resume billing.
 
-
-def _void_open_invoices(session: Session, sub: Subscription, now: datetime) -> None:
-    """A canceled subscription is not charged any more: its open invoices are voided.
-
-    An invoice with a charge still unresolved is left open: voiding it could hide a payment;
-    the janitor settles it first.
+    Inside a period already invoiced, that period and the anchor are kept: the customer has paid
+    (or is paying) for it, and the next period is billed when it ends, as if no pause had
+    happened. Pausing and resuming again and again charges nothing more. After that period has
+    ended, nothing covers the time since: a new period starts now, anchored on the resumption.
     """
-    from billing.attempts import UNRESOLVED
-    from billing.models import ChargeAttempt
-
-    invoices = session.execute(
-        select(Invoice).where(
-            Invoice.subscription_id == sub.id, Invoice.status == InvoiceStatus.OPEN.value
-        )
-    ).scalars()
-    for invoice in invoices:
-        unresolved = session.execute(
-            select(ChargeAttempt.id).where(
-                ChargeAttempt.invoice_id == invoice.id,
-                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
-            )
-        ).first()
-        if unresolved is not None:
-            continue
-        invoice.status = InvoiceStatus.VOID.value
-        invoice.next_attempt_at = None
-        invoice.updated_at = now
+    _apply(session, sub, SubscriptionEvent.RESUME, now)
+    sub.paused_at = None
+    if sub.current_period_end is not None and sub.current_period_end > now:
+        sub.next_billing_at = sub.current_period_end
+    else:
+        plan = session.get(Plan, sub.plan_id)
+        customer = session.get(Customer, sub.customer_id)
+        assert plan is not None and customer is not None
+        sub.anchor_at = now
+        sub.current_period_start = None
+        sub.current_period_end = None
+        sub.next_billing_at = first_period(schedule_for(plan, now, customer.timezone), now).start
+    record_event(session, "subscription.resumed", subscription=sub, now=now)
