@@ -20,6 +20,7 @@ from billing.models import (
 )
 from billing.money import from_minor
 from billing.plans import PlanSpec
+from billing.services.quarantine import QuarantinedRow
 
 
 def iso(value: datetime | None) -> str | None:
@@ -113,6 +114,7 @@ def subscription(session: Session, s: Subscription) -> dict[str, Any]:
         "cancel_at_period_end": s.cancel_at_period_end,
         "canceled_at": iso(s.canceled_at),
         "created_at": iso(s.created_at),
+        **_quarantine(s),
     }
 
 
@@ -130,6 +132,15 @@ def invoice(i: Invoice) -> dict[str, Any]:
         "next_attempt_at": iso(i.next_attempt_at),
         "paid_at": iso(i.paid_at),
         "created_at": iso(i.created_at),
+        **_quarantine(i),
+    }
+
+
+def _quarantine(row: Subscription | Invoice) -> dict[str, Any]:
+    return {
+        "quarantined_at": iso(row.quarantined_at),
+        "quarantine_reason": row.quarantine_reason,
+        "quarantine_retry_at": iso(row.quarantine_retry_at),
     }
 
 
@@ -147,4 +158,15 @@ def attempt(a: ChargeAttempt) -> dict[str, Any]:
         "description": a.description,
         "created_at": iso(a.created_at),
         "settled_at": iso(a.settled_at),
+    }
+
+
+def quarantined(row: QuarantinedRow) -> dict[str, Any]:
+    """A quarantined row; its reason holds the exception's class and message, never a secret."""
+    return {
+        "table": row.table,
+        "id": row.id,
+        "since": iso(row.since),
+        "reason": row.reason,
+        "next_retry": iso(row.retry_at),
     }

@@ -5,14 +5,22 @@ partial index on it, so its cost grows with the number due and not with the tabl
 PostgreSQL the claim is ``FOR UPDATE SKIP LOCKED``: two schedulers take disjoint batches. The
 invoice's unique constraint on (subscription, period start) is the last word: a race that got
 past the claim inserts nothing (``ON CONFLICT DO NOTHING``).
+
+One subscription that raises (a customer's time zone that no longer exists, a plan with no
+price) must not stop the others. A batch is renewed in one transaction, as fast as before; only
+if it raises is it rolled back and renewed again row by row, each row in a savepoint, and a row
+that raises again is quarantined (``billing/services/quarantine.py``): it leaves the due index
+and is tried again hourly by ``retry_query``, each retry in a savepoint of its own.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
 from billing.db import insert_for
@@ -26,8 +34,11 @@ from billing.lifecycle import (
 from billing.models import Customer, Invoice, Plan, Subscription
 from billing.periods import Period, first_period, next_period
 from billing.runtime import Runtime
-from billing.services.events import record_event
+from billing.services import quarantine
+from billing.services.events import record_event, savepoint
 from billing.services.subscriptions import price_at, schedule_for
+
+log = logging.getLogger("billing.renewal")
 
 # Statuses that keep renewing: a past-due subscription still gets its next invoice.
 RENEWING = (
@@ -42,20 +53,58 @@ class RenewalReport:
     invoice_ids: list[int] = field(default_factory=list)
     canceled: list[int] = field(default_factory=list)
     claimed: int = 0
+    # Subscriptions that raised and were quarantined (entering or staying), and those released.
+    quarantined: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+
+    def add(self, other: RenewalReport) -> None:
+        self.invoice_ids.extend(other.invoice_ids)
+        self.canceled.extend(other.canceled)
+        self.claimed += other.claimed
+        self.quarantined.extend(other.quarantined)
+        self.released.extend(other.released)
 
 
 def due_query(now: datetime, limit: int) -> Select[Subscription]:
-    """The one due query: due subscriptions, oldest first, bounded."""
+    """The one due query: due subscriptions, oldest first, bounded.
+
+    It repeats the predicate of the partial index ``ix_subscriptions_due`` (something to bill,
+    not quarantined), so it reads that index in order and only rows it can bill: quarantined
+    subscriptions are not in it, they come back through ``retry_query``.
+    """
     return (
         select(Subscription)
-        .where(Subscription.next_billing_at.is_not(None), Subscription.next_billing_at <= now)
+        .where(
+            Subscription.next_billing_at.is_not(None),
+            Subscription.quarantined_at.is_(None),
+            Subscription.next_billing_at <= now,
+        )
         .order_by(Subscription.next_billing_at)
         .limit(limit)
     )
 
 
+def retry_query(now: datetime, limit: int) -> Select[Subscription]:
+    """Quarantined subscriptions whose retry time has come, over ``ix_subscriptions_quarantined``
+    (which holds only quarantined rows). One that has nothing to bill any more (canceled or
+    paused meanwhile) comes back too, to be released."""
+    return (
+        select(Subscription)
+        .where(
+            Subscription.quarantined_at.is_not(None),
+            Subscription.quarantine_retry_at <= now,
+            or_(Subscription.next_billing_at.is_(None), Subscription.next_billing_at <= now),
+        )
+        .order_by(Subscription.quarantine_retry_at)
+        .limit(limit)
+    )
+
+
 def claim_due(session: Session, now: datetime, limit: int) -> list[Subscription]:
-    query = due_query(now, limit)
+    return claim(session, due_query(now, limit))
+
+
+def claim(session: Session, query: Select[Subscription]) -> list[Subscription]:
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     return list(session.execute(query).scalars())
@@ -149,21 +198,87 @@ def run_renewal_pass(
 ) -> RenewalReport:
     """Claim and renew due subscriptions until none is due; commit batch by batch.
 
-    The caller enqueues the charges for ``report.invoice_ids`` after this returns, that is after
-    the commits that made those invoices exist.
+    Quarantined subscriptions whose retry time has come are tried first (a retry that succeeds
+    releases the row, and its later periods, if due, are renewed by the rest of the pass), then
+    the due ones. The caller enqueues the charges for ``report.invoice_ids`` after this returns,
+    that is after the commits that made those invoices exist.
     """
     report = RenewalReport()
-    for _ in range(max_batches):
-        with rt.sessions() as session, session.begin():
-            at = now or rt.clock.now()
-            due = claim_due(session, at, rt.renewal_batch_size)
-            if not due:
+    # Retries are expected to raise again: they go row by row (savepoints) from the start.
+    for query, isolated in ((retry_query, True), (due_query, False)):
+        for _ in range(max_batches):
+            batch = _renew_batch(rt, query, now, isolated=isolated)
+            if batch is None:
                 break
-            report.claimed += len(due)
-            for sub in due:
-                invoice_id = renew_one(session, sub, at)
-                if invoice_id is not None:
-                    report.invoice_ids.append(invoice_id)
-                elif sub.status == SubscriptionStatus.CANCELED.value:
-                    report.canceled.append(sub.id)
+            report.add(batch)
     return report
+
+
+def _renew_batch(
+    rt: Runtime,
+    query: Callable[[datetime, int], Select[Subscription]],
+    now: datetime | None,
+    *,
+    isolated: bool,
+) -> RenewalReport | None:
+    """Claim one batch with ``query`` and renew it in one transaction; None when nothing was
+    due. If the batch raises (and the fault is not the database's), it is rolled back and
+    claimed again, to be renewed row by row."""
+    try:
+        return _claim_and_renew(rt, query, now, isolated=isolated)
+    except Exception as exc:
+        if isolated or quarantine.systemic(exc):
+            raise
+        log.warning("renewal batch failed (%s): renewing it row by row", quarantine.reason_for(exc))
+    return _claim_and_renew(rt, query, now, isolated=True)
+
+
+def _claim_and_renew(
+    rt: Runtime,
+    query: Callable[[datetime, int], Select[Subscription]],
+    now: datetime | None,
+    *,
+    isolated: bool,
+) -> RenewalReport | None:
+    batch = RenewalReport()
+    with rt.sessions() as session, session.begin():
+        at = now or rt.clock.now()
+        due = claim(session, query(at, rt.renewal_batch_size))
+        if not due:
+            return None
+        batch.claimed = len(due)
+        for sub in due:
+            if isolated:
+                _renew_isolated(session, sub, at, batch)
+            else:
+                _note(batch, sub, renew_one(session, sub, at))
+    return batch  # committed: only now does the report speak of it
+
+
+def _renew_isolated(
+    session: Session, sub: Subscription, at: datetime, batch: RenewalReport
+) -> None:
+    """Renew one subscription in a savepoint: if it raises, only its own work is rolled back and
+    it is quarantined; if it succeeds and was quarantined, it is released."""
+    try:
+        with savepoint(session):
+            invoice_id = renew_one(session, sub, at) if sub.next_billing_at is not None else None
+            session.flush()  # a database error of this row surfaces here, inside its savepoint
+    except Exception as exc:
+        if quarantine.systemic(exc):
+            raise
+        quarantine.hold(session, sub, exc, at)
+        session.flush()  # not left for the next row's savepoint to be blamed for
+        batch.quarantined.append(sub.id)
+        return
+    if quarantine.release(session, sub, at):
+        session.flush()
+        batch.released.append(sub.id)
+    _note(batch, sub, invoice_id)
+
+
+def _note(batch: RenewalReport, sub: Subscription, invoice_id: int | None) -> None:
+    if invoice_id is not None:
+        batch.invoice_ids.append(invoice_id)
+    elif sub.status == SubscriptionStatus.CANCELED.value:
+        batch.canceled.append(sub.id)

@@ -1,7 +1,8 @@
 """Periodic sweeps besides renewal: due retries, and the janitor for unresolved charges.
 
 * Due retries: open invoices whose ``next_attempt_at`` has passed (dunning steps, quick retries
-  whose task was lost, invoices freed after a worker died) are handed to the charge task again.
+  whose task was lost, invoices freed after a worker died, quarantined invoices whose retry time
+  has come) are handed to the charge task again.
 * The janitor verifies attempts left unknown or PENDING on a backoff schedule (5 minutes, 1 hour,
   6 hours, then daily) and raises an alert for any still unresolved past ``ALERT_AFTER``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from billing.attempts import UNRESOLVED
 from billing.lifecycle import InvoiceStatus
@@ -25,7 +26,12 @@ SWEEP_LIMIT = 5000
 
 
 def due_retries(rt: Runtime, *, now: datetime | None = None, limit: int = SWEEP_LIMIT) -> list[int]:
-    """Open invoices due for a collection attempt (the charge task decides the rest)."""
+    """Open invoices due for a collection attempt (the charge task decides the rest).
+
+    A quarantined invoice is skipped until its retry time. Quarantine also moves its
+    ``next_attempt_at`` to that time, so the scan over ``ix_invoices_collectable`` does not meet
+    it before; the condition here holds even if something else moved it back.
+    """
     with rt.sessions() as session:
         at = now or rt.clock.now()
         rows = session.execute(
@@ -34,6 +40,7 @@ def due_retries(rt: Runtime, *, now: datetime | None = None, limit: int = SWEEP_
                 Invoice.next_attempt_at.is_not(None),
                 Invoice.next_attempt_at <= at,
                 Invoice.status == InvoiceStatus.OPEN.value,
+                or_(Invoice.quarantine_retry_at.is_(None), Invoice.quarantine_retry_at <= at),
             )
             .order_by(Invoice.next_attempt_at)
             .limit(limit)

@@ -56,7 +56,11 @@ def enqueue_retries(retry_in: dict[int, float]) -> None:
 def renew() -> dict[str, int]:
     report = run_renewal_pass(get_runtime())
     enqueue_charges(report.invoice_ids)
-    return {"claimed": report.claimed, "invoices": len(report.invoice_ids)}
+    return {
+        "claimed": report.claimed,
+        "invoices": len(report.invoice_ids),
+        "quarantined": len(report.quarantined),
+    }
 
 
 @app.task(name="billing.retry_due", ignore_result=True)

@@ -71,7 +71,7 @@ def savepoint(session: Session) -> Iterator[None]:
     transaction's (written when that commits); leaving it by an exception rolls the savepoint
     back, drops the events recorded in it, and re-raises.
     """
-    session.connection()  # the outer transaction, begun if need be: the rows belong to it
+    _begin_outer(session)
     rows: list[dict[str, Any]] = session.info.setdefault(_OUTBOX, [])
     mark = len(rows)
     session.info[_SAVEPOINTS] = session.info.get(_SAVEPOINTS, 0) + 1
@@ -83,6 +83,21 @@ def savepoint(session: Session) -> Iterator[None]:
         raise
     finally:
         session.info[_SAVEPOINTS] -= 1
+
+
+def _begin_outer(session: Session) -> None:
+    """Make sure the outer transaction has begun in the database, not only in the session.
+
+    On SQLite, the driver (pysqlite) sends BEGIN only before the first write: a savepoint opened
+    before it would itself start the transaction, and releasing it would commit what the outer
+    transaction was meant to commit or roll back as a whole. BEGIN is sent first there.
+    """
+    connection = session.connection()  # the outer transaction, begun if need be
+    if connection.dialect.name != "sqlite":
+        return
+    driver = connection.connection.driver_connection
+    if driver is not None and not driver.in_transaction:
+        driver.execute("BEGIN")
 
 
 @event.listens_for(Session, "before_commit")
