@@ -7,8 +7,9 @@ invoice from being paid twice when a call times out after the gateway took the m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -49,6 +50,31 @@ class Expected:
     amount: Decimal
     currency: str
     live: bool
+
+
+def order_id_for(subscription_id: int, period_start: datetime, attempt_no: int) -> str:
+    """The order id of an invoice's ``attempt_no``-th attempt, from what survives a restore.
+
+    An invoice is its subscription's period (that pair is unique, and a renewal re-creates the
+    same pair after a restore, whatever id it gets), so order ids can be derived again from a
+    backup: ``billing reconcile --after-restore`` asks verify about every one that may have been
+    used after it. Never reused: the attempt number only grows.
+    """
+    return f"{order_prefix(subscription_id, period_start)}{attempt_no}"
+
+
+def order_prefix(subscription_id: int, period_start: datetime) -> str:
+    """What every order id of one invoice (a subscription's period) starts with."""
+    return f"S{subscription_id}-{period_start.astimezone(UTC):%Y%m%d%H%M%S}-"
+
+
+_ORDER_ID_RE = re.compile(r"S(\d+)-(\d{14})-(\d+)")
+
+
+def attempt_number(order_id: str) -> int | None:
+    """The attempt number in an order id of ``order_id_for``'s form (None for older forms)."""
+    match = _ORDER_ID_RE.fullmatch(order_id)
+    return int(match.group(3)) if match else None
 
 
 def mismatch_reason(

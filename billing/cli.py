@@ -43,6 +43,10 @@ invoices_app = typer.Typer(no_args_is_help=True, help="Invoices.")
 clock_app = typer.Typer(no_args_is_help=True, help="The test clock (BILLING_MODE=test only).")
 keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys for card tokens.")
 collection_app = typer.Typer(no_args_is_help=True, help="Pause or resume all collection.")
+quarantine_app = typer.Typer(
+    no_args_is_help=True,
+    help="Subscriptions and invoices set aside because processing them raised.",
+)
 for sub_app, name in (
     (db_app, "db"),
     (plans_app, "plans"),
@@ -53,6 +57,7 @@ for sub_app, name in (
     (clock_app, "clock"),
     (keys_app, "keys"),
     (collection_app, "collection"),
+    (quarantine_app, "quarantine"),
 ):
     app.add_typer(sub_app, name=name)
 
@@ -395,7 +400,8 @@ def subs_pause(sub_id: int, as_json: JsonOpt = False) -> None:
 
 @subs_app.command("resume")
 def subs_resume(sub_id: int, as_json: JsonOpt = False) -> None:
-    """Resume billing: a new period starts now."""
+    """Resume billing: within a paid period the next charge stays at its end; later, a new
+    period starts now."""
     from billing.services.subscriptions import resume
 
     _change(sub_id, resume, as_json)
@@ -583,6 +589,54 @@ def collection_status(as_json: JsonOpt = False) -> None:
     )
 
 
+# -- quarantine ------------------------------------------------------------------------------
+
+
+@quarantine_app.command("list")
+def quarantine_list(as_json: JsonOpt = False) -> None:
+    """Quarantined rows: table, id, since when, why, and when they are tried again."""
+    from billing.services.quarantine import quarantined
+
+    with unit_of_work() as (session, _now):
+        rows = [serialize.quarantined(row) for row in quarantined(session)]
+    if as_json:
+        emit(rows, True, "")
+    elif not rows:
+        out.print("nothing is quarantined")
+    else:
+        table(rows, ["table", "id", "since", "reason", "next_retry"])
+
+
+@quarantine_app.command("release")
+def quarantine_release(
+    subscription: Annotated[
+        list[int] | None, typer.Option("--subscription", help="A subscription id (repeatable).")
+    ] = None,
+    invoice: Annotated[
+        list[int] | None, typer.Option("--invoice", help="An invoice id (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Release rows at once: they are tried by the next pass (renewal, or due retries)."""
+    from billing.services.quarantine import locked, release_now
+
+    wanted = [("subscriptions", i) for i in subscription or []]
+    wanted += [("invoices", i) for i in invoice or []]
+    if not wanted:
+        raise fail("name at least one row: --subscription ID or --invoice ID")
+    results: list[dict[str, Any]] = []
+    with unit_of_work() as (session, now):
+        for table_name, row_id in wanted:
+            row = locked(session, table_name, row_id)
+            released = release_now(session, row, now)
+            results.append({"table": table_name, "id": row_id, "released": released})
+    lines = [
+        f"{r['table'][:-1]} {r['id']}: " + ("released" if r["released"] else "was not quarantined")
+        for r in results
+    ]
+    emit(results, as_json, "\n".join(lines))
+
+
 # -- the billing run -------------------------------------------------------------------------
 
 
@@ -607,10 +661,24 @@ def tick(
 
 
 @app.command("reconcile")
-def reconcile(as_json: JsonOpt = False) -> None:
+def reconcile(
+    after_restore: Annotated[
+        bool,
+        typer.Option(
+            "--after-restore",
+            help="After restoring a backup, with no worker or beat running: find and record "
+            "every payment made after the backup before anything is charged.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Verify every unresolved charge now, whatever the janitor's schedule says."""
     from billing import runner
 
+    if after_restore:
+        restored = runner.reconcile_after_restore()
+        emit(restored, as_json, runner.describe_restore(restored))
+        return
     result = runner.reconcile()
     emit(result, as_json, runner.describe_reconcile(result))
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from rich.console import Console
 from rich.table import Table
 
+from billing.attempts import order_prefix
 from billing.fatora.sandbox import Sandbox
 
 DEMO_PLANS = """
@@ -207,9 +208,11 @@ def _billing_months(console: Console) -> None:
         )
     console.print(table)
     taken = Counter(
-        str(c["order_id"]).split("-")[0] for c in sandbox.charges() if c["status"] == "SUCCESS"
+        str(c["order_id"]).rsplit("-", 1)[0] for c in sandbox.charges() if c["status"] == "SUCCESS"
     )
-    paid = {f"INV{i.id}" for i in invoices if i.status == "paid"}
+    paid = {
+        order_prefix(i.subscription_id, i.period_start)[:-1] for i in invoices if i.status == "paid"
+    }
     twice = [k for k, v in taken.items() if v > 1]
     unrecorded = [k for k in taken if k not in paid]
     console.print(

@@ -40,6 +40,8 @@ def tick(
         "claimed": renewal.claimed,
         "invoices_created": len(renewal.invoice_ids),
         "canceled_at_period_end": len(renewal.canceled),
+        "quarantined": len(renewal.quarantined),
+        "released": len(renewal.released),
         "retries_queued": len(retries),
         "charge_tasks": len(pending),
     }
@@ -69,6 +71,11 @@ def describe_tick(result: dict[str, Any]) -> str:
         f"queued {result['charge_tasks']} charge task(s), "
         f"including {result['retries_queued']} due retr(ies)",
     ]
+    if result.get("quarantined") or result.get("released"):
+        lines.append(
+            f"quarantined {result['quarantined']} subscription(s) that raised, "
+            f"released {result['released']} (`billing quarantine list`)"
+        )
     for word, count in result.get("outcomes", {}).items():
         lines.append(f"  {word}: {count}")
     return "\n".join(lines)
@@ -95,3 +102,28 @@ def describe_reconcile(result: dict[str, Any]) -> str:
         return "nothing to reconcile"
     counts = Counter(result["settled"].values())
     return "\n".join(f"{word}: {count}" for word, count in sorted(counts.items()))
+
+
+def reconcile_after_restore() -> dict[str, Any]:
+    """``billing reconcile --after-restore``: see ``billing.services.restore``; then the usual
+    reconcile, so that what the restore left unresolved is verified too (nothing is queued)."""
+    from billing.services.restore import reconcile_after_restore as after_restore
+    from schedules.sweeps import run_janitor
+
+    rt = get_runtime()
+    report = after_restore(rt).as_dict()
+    settled = run_janitor(rt, everything=True)
+    report["settled"] = {str(k): v for k, v in sorted(settled.settled.items())}
+    return report
+
+
+def describe_restore(result: dict[str, Any]) -> str:
+    found = Counter(result["found"].values())
+    lines = [
+        f"invoiced {result['invoices_created']} due period(s) again (nothing charged)",
+        f"asked the gateway about {result['order_ids_asked']} order id(s)",
+    ]
+    lines += [f"  {word}: {count}" for word, count in sorted(found.items())]
+    if not found:
+        lines.append("  no payment made after the backup was found")
+    return "\n".join(lines)

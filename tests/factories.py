@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from sqlalchemy import select
 
+from billing.attempts import order_prefix
 from billing.dunning import STANDARD, DunningPolicy
 from billing.fatora.sandbox import Sandbox
 from billing.models import ChargeAttempt, Invoice, Subscription
@@ -113,9 +114,15 @@ def attempts_of(rt: Runtime, invoice_id: int) -> list[ChargeAttempt]:
         )
 
 
-def successful_charges(sandbox: Sandbox, invoice_id: int) -> list[dict[str, object]]:
+def invoice_prefix(rt: Runtime, invoice_id: int) -> str:
+    """What every order id of this invoice starts with."""
+    invoice = invoice_of(rt, invoice_id)
+    return order_prefix(invoice.subscription_id, invoice.period_start)
+
+
+def successful_charges(rt: Runtime, sandbox: Sandbox, invoice_id: int) -> list[dict[str, object]]:
     """The sandbox's own record of money taken for an invoice: the ground truth."""
-    prefix = f"INV{invoice_id}-"
+    prefix = invoice_prefix(rt, invoice_id)
     return [
         c
         for c in sandbox.charges()

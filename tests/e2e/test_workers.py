@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine, select
 
-from billing.attempts import SEND_WINDOW
+from billing.attempts import SEND_WINDOW, order_prefix
 from billing.clock import DatabaseClock
 from billing.crypto import TokenVault
 from billing.db import session_factory
@@ -204,9 +204,11 @@ def _assert_exactly_once(rt: Runtime, sandbox: Sandbox) -> int:
             ).scalars()
         }
     taken = [c for c in sandbox.charges() if c["status"] == "SUCCESS"]
-    per_invoice = Counter(str(c["order_id"]).split("-")[0] for c in taken)
+    per_invoice = Counter(str(c["order_id"]).rsplit("-", 1)[0] for c in taken)
     assert all(i.status == InvoiceStatus.PAID.value for i in invoices)
-    assert {f"INV{i.id}" for i in invoices} == set(per_invoice)
+    assert {order_prefix(i.subscription_id, i.period_start)[:-1] for i in invoices} == set(
+        per_invoice
+    )
     assert max(per_invoice.values()) == 1, "an invoice was charged twice"
     assert {str(c["order_id"]) for c in taken} == set(succeeded), "a charge is not on record"
     return len(invoices)
@@ -365,10 +367,14 @@ def test_the_command_line_drives_a_billing_day_against_real_workers(
         invoices = list(session.execute(select(Invoice)).scalars())
     assert left == []
     taken = [c for c in sandbox.charges() if c["status"] == "SUCCESS"]
-    per_invoice = Counter(str(c["order_id"]).split("-")[0] for c in taken)
+    per_invoice = Counter(str(c["order_id"]).rsplit("-", 1)[0] for c in taken)
     assert max(per_invoice.values()) == 1, "an invoice was charged twice"
     assert len(invoices) == 10
-    paid = {f"INV{i.id}" for i in invoices if i.status == InvoiceStatus.PAID.value}
+    paid = {
+        order_prefix(i.subscription_id, i.period_start)[:-1]
+        for i in invoices
+        if i.status == InvoiceStatus.PAID.value
+    }
     assert len(paid) == 8  # everything but the two declines
     assert paid <= set(per_invoice)
     with rt.sessions() as session:

@@ -112,7 +112,7 @@ def test_an_edge_504_whose_charge_lands_later_is_charged_once(
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     collect_invoices(rt, [invoice_id])
-    assert len(successful_charges(gateway, invoice_id)) == 1
+    assert len(successful_charges(rt, gateway, invoice_id)) == 1
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
 
 
@@ -134,7 +134,7 @@ def test_a_broken_verify_route_settles_nothing_as_never_charged(
     gateway.broken_routes = set()
     run_janitor(rt, everything=True)
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-    assert len(successful_charges(gateway, invoice_id)) == 1
+    assert len(successful_charges(rt, gateway, invoice_id)) == 1
 
 
 class SlowTransport(SandboxTransport):
@@ -202,7 +202,7 @@ def test_an_accepted_collect_in_an_undocumented_shape_is_never_charged_again(
     transport.lagging = False
     run_janitor(rt, everything=True)
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-    assert len(successful_charges(gateway, invoice_id)) == 1
+    assert len(successful_charges(rt, gateway, invoice_id)) == 1
 
 
 @pytest.mark.parametrize("behaviour", ["processing", "error_envelope_after_charge"])
@@ -213,7 +213,7 @@ def test_money_taken_behind_an_unclear_envelope_is_verified_and_recorded(
     rejection. Verify finds the money and the invoice is paid, with no alert."""
     (invoice_id,) = _due(rt, gateway, [behaviour])
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
-    assert len(successful_charges(gateway, invoice_id)) == 1
+    assert len(successful_charges(rt, gateway, invoice_id)) == 1
     assert _events(rt, "alert.charge_rejected") == []
 
 
@@ -228,7 +228,7 @@ def test_a_verify_that_lags_the_charge_is_waited_for(
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "unknown"
     mono.now += 1.5
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
-    assert len(successful_charges(gateway, invoice_id)) == 1
+    assert len(successful_charges(rt, gateway, invoice_id)) == 1
 
 
 # -- 2. a systemic failure is not a card failure ---------------------------------------------
@@ -259,7 +259,7 @@ def test_a_broken_collect_route_kills_no_card_and_duns_no_one(
     collect_invoices(rt, invoice_ids)
     for invoice_id in invoice_ids:
         assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-        assert len(successful_charges(gateway, invoice_id)) == 1
+        assert len(successful_charges(rt, gateway, invoice_id)) == 1
 
 
 @pytest.mark.parametrize("behaviour", ["invalid_api_key_envelope", "merchant_token_expired"])
@@ -383,7 +383,7 @@ def test_a_lost_lock_stops_the_calls_not_yet_sent(
         collect_invoices(rt, invoice_ids)
     for invoice_id in invoice_ids:
         assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-        assert len(successful_charges(sandbox, invoice_id)) == 1
+        assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def _kill_lock_connection(engine: Engine, after_s: float) -> None:

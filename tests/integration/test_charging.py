@@ -28,6 +28,7 @@ from tests.factories import (
     age_attempts,
     attempts_of,
     invoice_of,
+    invoice_prefix,
     renew,
     seed_plans,
     subscriber,
@@ -53,7 +54,7 @@ def test_success_is_verified_and_recorded(rt: Runtime, sandbox: Sandbox) -> None
     assert invoice.status == InvoiceStatus.PAID.value
     (attempt,) = attempts_of(rt, invoice_id)
     assert attempt.status == AttemptStatus.SUCCEEDED.value
-    charges = successful_charges(sandbox, invoice_id)
+    charges = successful_charges(rt, sandbox, invoice_id)
     assert len(charges) == 1
     assert attempt.transaction_id == charges[0]["transaction_id"]
     assert charges[0]["amount"] in ("50.00", "50.0", "50")
@@ -68,9 +69,10 @@ def test_timeout_after_charge_is_settled_by_verify_without_a_second_collect(
     collect_invoices(rt, [invoice_id])
     collect_invoices(rt, [invoice_id])  # a retry or a redelivered task changes nothing
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-    collects = [c for c in sandbox.charges() if str(c["order_id"]).startswith(f"INV{invoice_id}-")]
+    prefix = invoice_prefix(rt, invoice_id)
+    collects = [c for c in sandbox.charges() if str(c["order_id"]).startswith(prefix)]
     assert len(collects) == 1
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_garbled_answer_after_charge_is_never_taken_as_success_unverified(
@@ -81,7 +83,7 @@ def test_garbled_answer_after_charge_is_never_taken_as_success_unverified(
     collect_invoices(rt, [invoice_id])
     (attempt,) = attempts_of(rt, invoice_id)
     assert attempt.status == AttemptStatus.SUCCEEDED.value
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_server_error_before_charge_is_retried_to_success(
@@ -104,7 +106,7 @@ def test_server_error_before_charge_is_retried_to_success(
     attempts = attempts_of(rt, invoice_id)
     assert [a.status for a in attempts] == ["failed", "succeeded"]
     assert attempts[0].order_id != attempts[1].order_id
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_pending_is_neither_paid_nor_failed_until_verify_says_so(
@@ -122,7 +124,7 @@ def test_pending_is_neither_paid_nor_failed_until_verify_says_so(
             break
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
     assert len(attempts_of(rt, invoice_id)) == 1
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_soft_decline_follows_the_dunning_ladder(
@@ -145,7 +147,7 @@ def test_soft_decline_follows_the_dunning_ladder(
     assert invoice.failure_count == 5
     assert len(attempts_of(rt, invoice_id)) == 5
     assert subscription_of(rt, sub_id).status == SubscriptionStatus.CANCELED.value
-    assert successful_charges(sandbox, invoice_id) == []
+    assert successful_charges(rt, sandbox, invoice_id) == []
 
 
 def test_hard_decline_kills_the_token_and_falls_back_to_another_card(
@@ -160,7 +162,7 @@ def test_hard_decline_kills_the_token_and_falls_back_to_another_card(
     with rt.sessions() as session:
         dead = session.get(CardToken, first.card_token_id)
         assert dead is not None and dead.status == "dead"
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_task_delivered_twice_at_once_charges_once(rt: Runtime, sandbox: Sandbox) -> None:
@@ -183,7 +185,7 @@ def test_task_delivered_twice_at_once_charges_once(rt: Runtime, sandbox: Sandbox
     collect_invoices(rt, invoice_ids)  # and once more, late
     for invoice_id in invoice_ids:
         assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-        assert len(successful_charges(sandbox, invoice_id)) == 1
+        assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_worker_killed_after_write_ahead_before_the_call(
@@ -207,7 +209,7 @@ def test_worker_killed_after_write_ahead_before_the_call(
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
     statuses = [a.status for a in attempts_of(rt, invoice_id)]
     assert statuses == ["failed", "succeeded"]
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_worker_killed_after_the_gateway_charged_before_recording(
@@ -218,11 +220,11 @@ def test_worker_killed_after_the_gateway_charged_before_recording(
     _, invoice_id = _one_due_invoice(rt, sandbox, ["success"])
     calls = charging._start_attempts(rt, [invoice_id], charging.CollectionReport())
     charging._charge(rt, calls[0], charging._Run())  # money taken; the process dies before _record
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"
     (attempt,) = attempts_of(rt, invoice_id)
     assert attempt.status == AttemptStatus.SUCCEEDED.value
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_auth_error_pauses_collection_and_fails_no_customer(
@@ -280,7 +282,7 @@ def test_a_bug_after_the_gateway_accepted_a_charge_never_leads_to_a_second_charg
     for i in range(4):
         subscriber(rt, sandbox, ["success"], name=f"b{i}")
     invoice_ids = renew(rt)
-    broken = f"INV{invoice_ids[0]}-"
+    broken = invoice_prefix(rt, invoice_ids[0])
     real_verify = rt.gateway.verify
 
     def verify_with_a_bug(order_id: str, transaction_id: str | None = None) -> Payment:
@@ -305,7 +307,7 @@ def test_a_bug_after_the_gateway_accepted_a_charge_never_leads_to_a_second_charg
     rt.unknown_grace = timedelta(0)
     collect_invoices(rt, invoice_ids)
     collect_invoices(rt, invoice_ids)
-    assert len(successful_charges(sandbox, invoice_ids[0])) == 1
+    assert len(successful_charges(rt, sandbox, invoice_ids[0])) == 1
     assert [a.status for a in attempts_of(rt, invoice_ids[0])] == ["unknown"]
 
 
@@ -327,7 +329,7 @@ def test_a_payment_on_a_paused_subscription_leaves_it_paused_until_resumed(
         resume(session, get_subscription(session, sub_id), rt.clock.now())
     sub = subscription_of(rt, sub_id)
     assert sub.status == SubscriptionStatus.ACTIVE.value and sub.next_billing_at is not None
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_a_payment_on_an_unpaid_subscription_makes_it_active_and_billed_again(
@@ -378,7 +380,7 @@ def test_an_invoice_of_a_canceled_subscription_is_voided_not_charged(
     assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "void"
     assert invoice_of(rt, invoice_id).status == InvoiceStatus.VOID.value
     assert len(attempts_of(rt, invoice_id)) == 1
-    assert successful_charges(sandbox, invoice_id) == []
+    assert successful_charges(rt, sandbox, invoice_id) == []
 
 
 def test_token_expiry_sweep_warns_once_before_a_renewal_after_expiry(

@@ -253,3 +253,116 @@ def test_the_test_clock_moves_and_is_refused_in_live_mode(
     assert "refused in live mode" in run("clock", "set", "2027-01-31T00:00:00Z", ok=False)
     os.environ["BILLING_MODE"] = "test"
     reset_settings_cache()
+
+
+def _quarantine_both(url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int]:
+    """Through the real passes (called directly: no broker is involved): C1's renewal raises
+    (its time zone left the tz database), C2's invoice raises in the write-ahead. Returns C1's
+    subscription, C2's and C2's invoice."""
+    from billing.runtime import get_runtime
+    from billing.services import dunning_flow
+    from billing.services.charging import collect_invoices
+    from schedules.renewal import run_renewal_pass
+
+    run("plans", "sync", str(ROOT / "plans.example.toml"))
+    run("clock", "set", "2027-01-31T09:00:00Z")
+    subs = []
+    for external_id in ("C1", "C2"):
+        _add_customer(external_id)
+        created = run(
+            "subscriptions", "create", "--customer", external_id, "--plan", "basic-monthly"
+        )
+        subs.append(int(created.strip()))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE customers SET timezone = 'US/Pacific-New' WHERE external_id = 'C1'")
+        )
+    engine.dispose()
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("card store unreachable")
+
+    monkeypatch.setattr(dunning_flow, "usable_card", broken)
+    rt = get_runtime()
+    renewed = run_renewal_pass(rt)
+    assert renewed.quarantined == [subs[0]]
+    (invoice_id,) = renewed.invoice_ids
+    assert collect_invoices(rt, [invoice_id]).results == {invoice_id: "quarantined"}
+    return subs[0], subs[1], invoice_id
+
+
+def test_quarantine_list_shows_what_was_set_aside_and_why(
+    cli_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator sees every quarantined row (table, id, since, reason, next retry), as a
+    table and as JSON, and never more than the exception's class and message."""
+    assert "nothing is quarantined" in run("quarantine", "list")
+    assert json.loads(run("quarantine", "list", "--json")) == []
+    sub_id, _, invoice_id = _quarantine_both(cli_env, monkeypatch)
+    rows = json.loads(run("quarantine", "list", "--json"))
+    by_table = {r["table"]: r for r in rows}
+    assert len(rows) == 2
+    assert (by_table["subscriptions"]["id"], by_table["invoices"]["id"]) == (sub_id, invoice_id)
+    for row in rows:
+        assert row["since"] == "2027-01-31T09:00:00Z"
+        assert row["next_retry"] == "2027-01-31T10:00:00Z"
+    assert "US/Pacific-New" in by_table["subscriptions"]["reason"]
+    assert by_table["invoices"]["reason"] == "RuntimeError: card store unreachable"
+    shown = run("quarantine", "list")
+    for expected in ("subscriptions", "invoices", "RuntimeError", "next_retry"):
+        assert expected in shown
+
+
+def test_quarantine_release_frees_rows_at_once(
+    cli_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Release clears the quarantine and makes the row due now (the next pass tries it), with
+    a row.released event; a row that was not quarantined or does not exist is said so."""
+    sub_id, other_sub_id, invoice_id = _quarantine_both(cli_env, monkeypatch)
+    released = json.loads(
+        run(
+            "quarantine",
+            "release",
+            "--subscription",
+            str(sub_id),
+            "--invoice",
+            str(invoice_id),
+            "--json",
+        )
+    )
+    assert released == [
+        {"table": "subscriptions", "id": sub_id, "released": True},
+        {"table": "invoices", "id": invoice_id, "released": True},
+    ]
+    assert json.loads(run("quarantine", "list", "--json")) == []
+    (invoice,) = json.loads(run("invoices", "list", "--subscription", str(other_sub_id), "--json"))
+    assert invoice["next_attempt_at"] == "2027-01-31T09:00:00Z"  # due again at once
+    assert invoice["quarantined_at"] is None
+    engine = create_engine(cli_env)
+    with engine.connect() as conn:
+        payloads = conn.execute(
+            text("SELECT payload FROM events WHERE kind = 'row.released' ORDER BY id")
+        ).scalars()
+        events = [p if isinstance(p, dict) else json.loads(p) for p in payloads]
+    engine.dispose()
+    assert [(e["table"], e["id"], e["by"]) for e in events] == [
+        ("subscriptions", sub_id, "operator"),
+        ("invoices", invoice_id, "operator"),
+    ]
+    again = run("quarantine", "release", "--invoice", str(invoice_id))
+    assert "was not quarantined" in again
+    assert "no invoice 999" in _one_error_line(
+        run("quarantine", "release", "--invoice", "999", ok=False)
+    )
+    assert "--subscription" in _one_error_line(run("quarantine", "release", ok=False))
+
+
+def test_reconcile_after_restore_reports_what_it_asked(cli_env: str) -> None:
+    """An operator restoring a backup gets a plain account of what was asked and found; on a
+    database with nothing due and nothing open, nothing is asked and nothing is charged."""
+    out = run("reconcile", "--after-restore")
+    assert "invoiced 0 due period(s) again" in out
+    assert "no payment made after the backup was found" in out
+    data = json.loads(run("reconcile", "--after-restore", "--json"))
+    assert (data["invoices_created"], data["order_ids_asked"], data["found"]) == (0, 0, {})

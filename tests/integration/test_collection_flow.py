@@ -29,6 +29,7 @@ from billing.services.charging import collect_invoices
 from tests.factories import (
     age_attempts,
     invoice_of,
+    invoice_prefix,
     renew,
     seed_plans,
     subscriber,
@@ -127,7 +128,7 @@ def test_a_failure_while_recording_leaves_no_call_running_and_loses_no_charge(
         clock.advance(timedelta(minutes=1))  # past the quick retries' backoff
     for invoice_id in invoice_ids:
         assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-        assert len(successful_charges(sandbox, invoice_id)) == 1
+        assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_one_slow_call_does_not_hold_back_the_record_of_the_others(
@@ -137,7 +138,8 @@ def test_one_slow_call_does_not_hold_back_the_record_of_the_others(
     recorded while a slow call of the same batch is still waiting for the gateway."""
     engine, invoice_ids = due
     slow = invoice_ids[0]
-    transport = SlowTransport(sandbox, 10, held_marker=f"INV{slow}-".encode())
+    marker = invoice_prefix(make_runtime(engine, sandbox, clock, vault), slow).encode()
+    transport = SlowTransport(sandbox, 10, held_marker=marker)
     rt = _runtime(engine, sandbox, clock, vault, transport, len(invoice_ids))
     failures: list[BaseException] = []
 
@@ -165,4 +167,4 @@ def test_one_slow_call_does_not_hold_back_the_record_of_the_others(
     assert not worker.is_alive() and failures == []
     assert invoice_of(rt, slow).status == InvoiceStatus.PAID.value
     for invoice_id in invoice_ids:
-        assert len(successful_charges(sandbox, invoice_id)) == 1
+        assert len(successful_charges(rt, sandbox, invoice_id)) == 1

@@ -104,7 +104,7 @@ def test_a_payment_recorded_during_a_cancel_does_not_revive_the_subscription(
     sub = subscription_of(rt, sub_id)
     assert sub.status == SubscriptionStatus.CANCELED.value
     assert sub.next_billing_at is None and sub.canceled_at is not None
-    assert len(successful_charges(sandbox, invoice_id)) == 1
+    assert len(successful_charges(rt, sandbox, invoice_id)) == 1
 
 
 def test_a_pause_during_a_payment_is_kept(rt: Runtime, sandbox: Sandbox) -> None:
