@@ -19,7 +19,6 @@ it may charge again.
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +40,7 @@ from billing.attempts import (
     mismatch_reason,
     next_verify_delay,
     not_found_is_final,
+    order_id_for,
     sent_bound,
 )
 from billing.db import id_in
@@ -83,7 +83,7 @@ BREAKER_SHARE = 0.5
 BREAKER_SAMPLE = 10
 # The same breaker over every worker's attempts settled in the last FLEET_WINDOW.
 FLEET_WINDOW = timedelta(hours=1)
-FLEET_MIN_HARD = 10
+FLEET_MIN_HARD = BREAKER_MIN_HARD
 
 # Outcome classifications that mean "the system is broken, not the customer's card".
 _PAUSING = {"auth_error": "authentication failed", "systemic": "the gateway route is broken"}
@@ -105,6 +105,9 @@ class Outcome:
     sent_wall_at: datetime | None = None
     # For a 'not found' that is not final yet: how long until it can be.
     final_in: timedelta | None = None
+    # Pause collection for this reason ("auth_error", "systemic") while keeping the
+    # classification (a held decline keeps its word through a broken verify).
+    pause: str | None = None
     # The exception behind a transient outcome, for the retry decision (never persisted).
     error: BaseException | None = field(default=None, compare=False)
 
@@ -215,9 +218,10 @@ class CollectionReport:
         return out
 
 
-def new_order_id(invoice_id: int) -> str:
-    """A fresh order id for every attempt: never reused, so verify cannot match two payments."""
-    return f"INV{invoice_id}-{secrets.token_hex(6).upper()}"
+def new_order_id(invoice: Invoice) -> str:
+    """The next attempt's order id: fresh (the attempt number only grows, so verify cannot match
+    two payments) and derivable again from a backup (``attempts.order_id_for``)."""
+    return order_id_for(invoice.subscription_id, invoice.period_start, invoice.attempt_count + 1)
 
 
 def collect_invoices(
@@ -502,7 +506,41 @@ def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionRepor
     The subscriptions and invoices are locked (``FOR UPDATE``) first, so a cancel, a pause or
     another worker cannot change them between the check and the write; the partial unique index
     ``uq_charge_attempts_one_unresolved`` is the last fence if anything still slips through.
+
+    One invoice that raises must not hold back the others. The batch is written in one
+    transaction; only if that raises (and the fault is not the database's) is it rolled back and
+    written again invoice by invoice, each in a savepoint: an invoice that raises again is
+    quarantined (``billing/services/quarantine.py``), the others get their attempts. A
+    quarantined invoice is skipped until its retry time; a batch holding one whose retry time
+    has come goes invoice by invoice at once, and the retry that does not raise releases it.
     """
+    from billing.services import quarantine
+
+    notes: dict[int, str] = {}
+    try:
+        calls = _write_ahead(rt, invoice_ids, notes, isolated=False)
+    except Exception as exc:
+        if quarantine.systemic(exc):
+            raise
+        log.warning(
+            "write-ahead batch failed (%s): writing it invoice by invoice",
+            quarantine.reason_for(exc),
+        )
+        notes = {}
+        calls = _write_ahead(rt, invoice_ids, notes, isolated=True)
+    for invoice_id, word in notes.items():  # only once the transaction that decided it committed
+        report.note(invoice_id, word)
+    return calls
+
+
+def _write_ahead(
+    rt: Runtime, invoice_ids: list[int], notes: dict[int, str], *, isolated: bool
+) -> list[_Call]:
+    """The write-ahead transaction of ``_start_attempts``; with ``isolated``, each invoice's work
+    is done in a savepoint of its own, and an invoice whose work raises is quarantined."""
+    from billing.services import quarantine
+    from billing.services.events import savepoint
+
     started: list[tuple[ChargeAttempt, CardToken]] = []
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
@@ -518,45 +556,85 @@ def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionRepor
             ).scalars()
         )
         cards = dunning_flow.customer_cards(session, (s.customer_id for s in subs.values()))
+        batch = sorted(invoices.values(), key=lambda i: i.id)
+        # A quarantined invoice due for its retry is expected to raise again.
+        isolated = isolated or any(_quarantine_retry_due(i, now) for i in batch)
         with session.no_autoflush:
-            for invoice in sorted(invoices.values(), key=lambda i: i.id):
+            for invoice in batch:
                 if invoice.id in blocked:
                     continue  # its result (unknown, pending) was noted while settling
-                verdict_ = _collectable(invoice, now)
-                if verdict_ is None and dunning_flow.subscription_ended(session, invoice, now):
-                    verdict_ = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
-                if verdict_ is not None:
-                    report.note(invoice.id, verdict_)
+                if invoice.quarantined_at is not None and not _quarantine_retry_due(invoice, now):
+                    notes[invoice.id] = "quarantined"
                     continue
-                if paused:
-                    report.note(invoice.id, "collection_paused")
-                    continue
-                customer_id = subs[invoice.subscription_id].customer_id
-                card = dunning_flow.usable_card(session, invoice, now, cards[customer_id])
-                if card is None:
-                    dunning_flow.no_usable_card(session, invoice, now)
-                    report.note(invoice.id, "no_card")
-                    continue
-                attempt = ChargeAttempt(
-                    invoice_id=invoice.id,
-                    card_token_id=card.id,
-                    order_id=new_order_id(invoice.id),
-                    amount_minor=invoice.amount_minor,
-                    currency=invoice.currency,
-                    status=AttemptStatus.IN_FLIGHT.value,
-                    next_verify_at=now + next_verify_delay(0),
-                    created_at=now,
-                    created_wall_at=datetime.now(UTC),
-                    updated_at=now,
-                )
-                session.add(attempt)
-                invoice.attempt_count += 1
-                invoice.next_attempt_at = now + IN_FLIGHT_LEASE
-                invoice.updated_at = now
-                started.append((attempt, card))
+                if not isolated:
+                    one = _start_one(session, invoice, now, subs, cards, paused)
+                else:
+                    try:
+                        with savepoint(session):
+                            one = _start_one(session, invoice, now, subs, cards, paused)
+                            session.flush()  # this invoice's database errors surface here
+                    except Exception as exc:
+                        if quarantine.systemic(exc):
+                            raise
+                        quarantine.hold(session, invoice, exc, now)
+                        session.flush()  # not left for the next savepoint to be blamed for
+                        notes[invoice.id] = "quarantined"
+                        continue
+                    if quarantine.release(session, invoice, now):
+                        session.flush()
+                if isinstance(one, str):
+                    notes[invoice.id] = one
+                else:
+                    started.append(one)
         session.flush()  # one multi-row INSERT for the attempts: their ids, before the commit
         calls = [_call_of(attempt, ciphertext=card.ciphertext) for attempt, card in started]
     return calls
+
+
+def _quarantine_retry_due(invoice: Invoice, now: datetime) -> bool:
+    retry_at = invoice.quarantine_retry_at
+    return invoice.quarantined_at is not None and (retry_at is None or retry_at <= now)
+
+
+def _start_one(
+    session: Session,
+    invoice: Invoice,
+    now: datetime,
+    subs: dict[int, Subscription],
+    cards: dict[int, list[CardToken]],
+    paused: str | None,
+) -> tuple[ChargeAttempt, CardToken] | str:
+    """The write-ahead of one invoice: its new attempt (added to the session) and card, or the
+    word for the report when it is not charged now."""
+    verdict_ = _collectable(invoice, now)
+    if verdict_ is None and dunning_flow.subscription_ended(session, invoice, now):
+        verdict_ = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
+    if verdict_ is not None:
+        return verdict_
+    if paused:
+        return "collection_paused"
+    customer_id = subs[invoice.subscription_id].customer_id
+    card = dunning_flow.usable_card(session, invoice, now, cards[customer_id])
+    if card is None:
+        dunning_flow.no_usable_card(session, invoice, now)
+        return "no_card"
+    attempt = ChargeAttempt(
+        invoice_id=invoice.id,
+        card_token_id=card.id,
+        order_id=new_order_id(invoice),
+        amount_minor=invoice.amount_minor,
+        currency=invoice.currency,
+        status=AttemptStatus.IN_FLIGHT.value,
+        next_verify_at=now + next_verify_delay(0),
+        created_at=now,
+        created_wall_at=datetime.now(UTC),
+        updated_at=now,
+    )
+    session.add(attempt)
+    invoice.attempt_count += 1
+    invoice.next_attempt_at = now + IN_FLIGHT_LEASE
+    invoice.updated_at = now
+    return attempt, card
 
 
 _Row = TypeVar("_Row", bound=Base)
@@ -675,6 +753,12 @@ def _after_collect_error(rt: Runtime, call: _Call, exc: FatoraError, run: _Run) 
             classification=_pausing_class(judged.then),
             error=exc,
         )
+    if judged.then is Then.ALERT_REJECTED:
+        # Refused before processing, by Fatora's own envelope: final. Verify is asked once all
+        # the same (cheap, and a rejection is rare): money it shows is recorded, never lost.
+        found = _verify(rt, replace(call, ending=CallEnding.ANSWERED), datetime.now(UTC), run)
+        if found.status not in (AttemptStatus.UNKNOWN, AttemptStatus.FAILED):
+            return found
     if judged.money is Money.NO:
         ending = CallEnding.NOT_SENT if judged.then is Then.RETRY else CallEnding.ANSWERED
         return call.outcome(
@@ -714,8 +798,9 @@ def _confirm_decline(rt: Runtime, call: _Call, exc: FatoraError) -> Outcome:
     )
     try:
         payment = rt.gateway.verify(call.order_id, None)
-    except FatoraError:
-        return replace(declined, status=AttemptStatus.UNKNOWN, decline_kind=None)
+    except FatoraError as err:
+        held = replace(declined, status=AttemptStatus.UNKNOWN, decline_kind=None)
+        return replace(held, pause=_pausing_class(verdict(Call.VERIFY, err.answer).then))
     if payment.status is PaymentStatus.FAILURE:
         return replace(
             declined,
@@ -793,7 +878,9 @@ def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> N
     attempt.transaction_id = outcome.transaction_id or attempt.transaction_id
     attempt.auth_code = outcome.auth_code or attempt.auth_code
     attempt.description = (outcome.description or attempt.description or "")[:500] or None
-    attempt.classification = outcome.classification or attempt.classification
+    if not (_held_decline(attempt) and outcome.status in UNRESOLVED):
+        # (a held decline keeps its word while unresolved: it becomes the decline in the end)
+        attempt.classification = outcome.classification or attempt.classification
     attempt.gateway_mode = (outcome.mode or attempt.gateway_mode or "")[:8] or None
     attempt.updated_at = now
     if outcome.status in UNRESOLVED:
@@ -818,7 +905,8 @@ def _move_invoice(
     report: CollectionReport,
 ) -> str:
     """Apply one attempt's outcome to its invoice and subscription; return a word for it."""
-    status, kind = outcome.status, outcome.classification
+    status = outcome.status
+    kind = outcome.pause or outcome.classification
     # A broken key, route or gateway is never the customer's failure: no card, no dunning.
     if kind in _PAUSING or kind == "suspect_hard_decline":
         why = _PAUSING.get(kind or "", "implausible share of hard declines")
@@ -894,7 +982,19 @@ def _move_invoice(
     if kind == "not_sent":
         invoice.next_attempt_at = now  # nothing happened: the next sweep picks it up
         return "not_sent"
+    if _superseded(session, attempt):
+        return "failed"  # an older attempt settled late: the invoice's schedule stays its own
     return _schedule_transient_retry(session, invoice, attempt, outcome, now, report)
+
+
+def _superseded(session: Session, attempt: ChargeAttempt) -> bool:
+    """Has the invoice had a newer attempt (this one was re-verified late)?"""
+    newer = session.execute(
+        select(ChargeAttempt.id)
+        .where(ChargeAttempt.invoice_id == attempt.invoice_id, ChargeAttempt.id > attempt.id)
+        .limit(1)
+    ).first()
+    return newer is not None
 
 
 def _hard_declines_implausible(session: Session, now: datetime) -> bool:
