@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from billing.models import DunningPolicyRow, Plan, PlanPrice
@@ -17,10 +17,17 @@ from billing.money import format_money, from_minor, to_minor
 from billing.plans import PlansConfig, PlanSpec
 from billing.services.subscriptions import price_at
 
+# The advisory lock key that serialises plan syncs (apart from the invoice locks' space).
+_SYNC_LOCK = 0x46A7_0001
+
 
 def sync_plans(session: Session, config: PlansConfig, now: datetime) -> list[str]:
     """Bring the database in line with ``config``; return one line per change made."""
     changes: list[str] = []
+    # Two syncs at once would both read "missing" and both insert: the second waits here until
+    # the first has committed, then reads what it wrote.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SYNC_LOCK})
     for policy in config.dunning.values():
         row = session.get(DunningPolicyRow, policy.code)
         days = list(policy.retry_after_days)
@@ -36,7 +43,7 @@ def sync_plans(session: Session, config: PlansConfig, now: datetime) -> list[str
             row.final_action = policy.final_action.value
             changes.append(f"update dunning policy {policy.code}")
     session.flush()
-    existing = {p.code: p for p in session.execute(select(Plan)).scalars()}
+    existing = {p.code: p for p in session.execute(select(Plan).with_for_update()).scalars()}
     for spec in config.plans.values():
         plan = existing.get(spec.code)
         if plan is None:

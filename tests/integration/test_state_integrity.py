@@ -217,3 +217,29 @@ def test_resuming_after_the_paid_month_starts_a_new_period(
 def rt(rt: Runtime) -> Runtime:
     rt.charge_concurrency = 2
     return rt
+
+
+def test_two_plan_syncs_at_once_write_one_price(rt: Runtime, clock: FixedClock) -> None:
+    """No lost update and no crash: a second `plans sync` of a changed price waits for the first
+    and finds the price already in force, instead of failing on the unique constraint."""
+    from billing.plans import PlansConfig
+    from billing.services.plans_sync import sync_plans
+    from tests.factories import plans_config
+
+    seed_plans(rt)
+    clock.advance(timedelta(hours=1))
+    changed: PlansConfig = plans_config(amount="60.00")
+    second: list[list[str]] = []
+    _while_held(
+        rt,
+        lambda s: sync_plans(s, changed, rt.clock.now()) and None,
+        lambda: second.append(_sync(rt, changed)) or second[-1],
+    )
+    assert second == [[]]  # nothing left to change: the first sync did it
+
+
+def _sync(rt: Runtime, config: object) -> list[str]:
+    from billing.services.plans_sync import sync_plans
+
+    with rt.sessions() as session, session.begin():
+        return sync_plans(session, config, rt.clock.now())  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ from billing.fatora import (
     SoftDecline,
     UnclearAnswer,
 )
+from billing.fatora.errors import MAX_DESCRIPTION
 
 API_KEY = "K3Y-5ecret-0000-1111-2222"
 TOKEN = "Ab+/Cd|Ef\\12"
@@ -637,3 +638,16 @@ def test_an_unusable_proxy_setting_fails_at_startup_without_repeating_it(
     with pytest.raises(ValueError, match="_PROXY") as raised:
         FatoraClient("https://api.fatora.io/v1", API_KEY)
     assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("cut", [3, 6, 9])
+def test_a_token_cut_by_the_clip_leaves_no_prefix_in_the_message(make: Make, cut: int) -> None:
+    """Secrets never leak: the gateway's text is clipped only after the card token and the API
+    key are removed from it, so a clip through the middle of a token cannot leave its start."""
+    filler = "x" * (MAX_DESCRIPTION - 1 - cut)
+    client, _ = make(reply(400, {"status": "ERROR", "error": f"{filler}{TOKEN} rejected"}))
+    with pytest.raises(FatoraError) as info:
+        client.collect_payment(TOKEN, "O-1", Decimal("5"), "QAR")
+    text = f"{info.value} {info.value!r} {info.value.description}"
+    assert TOKEN[:cut] not in text.replace(filler, "")
+    assert len(info.value.description or "") <= MAX_DESCRIPTION
