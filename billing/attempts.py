@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
+from billing.fatora.types import Payment
+
 
 class AttemptStatus(StrEnum):
     IN_FLIGHT = "in_flight"  # written, gateway call under way (or the worker died during it)
@@ -101,6 +103,17 @@ def sent_bound(created_wall_at: datetime, sent_wall_at: datetime | None) -> date
     """The latest moment the collect request can have left: when it was sent if the worker said
     so, else the end of the send window (the worker may have died without recording it)."""
     return sent_wall_at if sent_wall_at is not None else created_wall_at + SEND_WINDOW
+
+
+def payment_mismatch(expected: Expected, payment: Payment) -> str | None:
+    """``mismatch_reason`` for a verify answer."""
+    return mismatch_reason(
+        expected,
+        order_id=payment.order_id,
+        amount=payment.amount,
+        currency=payment.currency,
+        mode=payment.mode,
+    )
 
 
 def not_found_is_final(

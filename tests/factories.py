@@ -138,3 +138,13 @@ def age_attempts(rt: Runtime, by: timedelta) -> None:
             attempt.created_wall_at -= by
             if attempt.sent_wall_at is not None:
                 attempt.sent_wall_at -= by
+
+
+class Monotonic:
+    """The sandbox's real-time clock (charges that land later, verify lag), moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

@@ -37,10 +37,10 @@ from billing.attempts import (
     AttemptStatus,
     CallEnding,
     Expected,
-    mismatch_reason,
     next_verify_delay,
     not_found_is_final,
     order_id_for,
+    payment_mismatch,
     sent_bound,
 )
 from billing.db import id_in
@@ -473,13 +473,7 @@ def _judge(rt: Runtime, call: _Call, payment: Payment) -> Outcome:
     }
     if payment.status is PaymentStatus.SUCCESS:
         expected = Expected(call.order_id, call.amount, call.currency, rt.live_gateway)
-        reason = mismatch_reason(
-            expected,
-            order_id=payment.order_id,
-            amount=payment.amount,
-            currency=payment.currency,
-            mode=payment.mode,
-        )
+        reason = payment_mismatch(expected, payment)
         if reason is not None:
             return call.outcome(AttemptStatus.ANOMALY, classification="mismatch", **common)
         return call.outcome(AttemptStatus.SUCCEEDED, classification="paid", **common)

@@ -34,9 +34,9 @@ from billing.attempts import (
     CallEnding,
     Expected,
     attempt_number,
-    mismatch_reason,
     next_verify_delay,
     order_id_for,
+    payment_mismatch,
 )
 from billing.fatora.answers import Call, Then, verdict
 from billing.fatora.errors import FatoraError
@@ -286,13 +286,7 @@ def _status_of(
             invoice.currency,
             rt.live_gateway,
         )
-        reason = mismatch_reason(
-            expected,
-            order_id=payment.order_id,
-            amount=payment.amount,
-            currency=payment.currency,
-            mode=payment.mode,
-        )
+        reason = payment_mismatch(expected, payment)
         if reason is not None:
             return AttemptStatus.ANOMALY, "mismatch"
         return AttemptStatus.SUCCEEDED, "paid"

@@ -30,6 +30,7 @@ from billing.services import charging, control
 from billing.services.charging import collect_invoices
 from schedules.sweeps import run_janitor
 from tests.factories import (
+    Monotonic,
     age_attempts,
     attempts_of,
     invoice_of,
@@ -40,16 +41,6 @@ from tests.factories import (
     successful_charges,
 )
 from tests.integration.conftest import START, make_runtime
-
-
-class Monotonic:
-    """The sandbox's real-time clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture()

@@ -27,6 +27,7 @@ from billing.runtime import Runtime
 from billing.services import charging
 from schedules.sweeps import run_janitor
 from tests.factories import (
+    Monotonic,
     attempts_of,
     invoice_of,
     renew,
@@ -35,16 +36,6 @@ from tests.factories import (
     successful_charges,
 )
 from tests.integration.conftest import PG_URL, START, _admin_engine, make_runtime
-
-
-class Monotonic:
-    """The sandbox's real-time clock (when a held charge lands), moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture()

@@ -33,6 +33,7 @@ from billing.services import charging, control
 from billing.services.charging import collect_invoices
 from schedules.sweeps import run_janitor
 from tests.factories import (
+    Monotonic,
     age_attempts,
     attempts_of,
     invoice_of,
@@ -108,16 +109,6 @@ def _edge_runtime(
         transport=edge,
     )
     return rt, edge
-
-
-class Monotonic:
-    """The sandbox's real-time clock (landings, verify lag), moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _kinds(rt: Runtime) -> list[str]:
