@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -20,6 +21,8 @@ from billing.models import ChargeAttempt, Event, Invoice
 from billing.runtime import Runtime
 from billing.services.charging import CollectionReport, collect_invoices
 from billing.services.events import record_event
+
+log = logging.getLogger("billing.janitor")
 
 ALERT_AFTER = timedelta(days=3)
 SWEEP_LIMIT = 5000
@@ -55,6 +58,7 @@ class JanitorReport:
     retry_in: dict[int, float] = field(default_factory=dict)
     still_unresolved: list[int] = field(default_factory=list)
     alerted: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # invoices whose chunk raised
 
 
 def run_janitor(
@@ -70,13 +74,28 @@ def run_janitor(
             query = query.where(ChargeAttempt.next_verify_at <= at)
         invoice_ids = sorted(set(session.execute(query.limit(SWEEP_LIMIT)).scalars()))
     report = JanitorReport()
-    for start in range(0, len(invoice_ids), rt.charge_batch_size):
-        chunk = invoice_ids[start : start + rt.charge_batch_size]
-        collection: CollectionReport = collect_invoices(rt, chunk, settle_only=True)
-        report.settled.update(collection.results)
-        report.retry_in.update(collection.retry_in)
-    _alert_stale(rt, at, report)
+    try:
+        for start in range(0, len(invoice_ids), rt.charge_batch_size):
+            chunk = invoice_ids[start : start + rt.charge_batch_size]
+            try:
+                collection: CollectionReport = collect_invoices(rt, chunk, settle_only=True)
+            except Exception:
+                # One chunk that cannot be recorded must not keep the others unverified: it
+                # stays unresolved (and is alerted on below once it is stale).
+                log.exception("janitor: invoices %s could not be settled", chunk)
+                report.failed.extend(chunk)
+                continue
+            report.settled.update(collection.results)
+            report.retry_in.update(collection.retry_in)
+    finally:
+        _alert_stale(rt, at, report)
+    if report.failed:
+        raise JanitorIncomplete(f"{len(report.failed)} invoice(s) could not be settled")
     return report
+
+
+class JanitorIncomplete(RuntimeError):
+    """Some chunks failed (logged); the others were settled and stale attempts alerted."""
 
 
 def _alert_stale(rt: Runtime, now: datetime, report: JanitorReport) -> None:

@@ -26,9 +26,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.attempts import (
@@ -84,6 +85,7 @@ BREAKER_SAMPLE = 10
 # The same breaker over every worker's attempts settled in the last FLEET_WINDOW.
 FLEET_WINDOW = timedelta(hours=1)
 FLEET_MIN_HARD = BREAKER_MIN_HARD
+FLEET_SAMPLE = BREAKER_SAMPLE
 
 # Outcome classifications that mean "the system is broken, not the customer's card".
 _PAUSING = {"auth_error": "authentication failed", "systemic": "the gateway route is broken"}
@@ -157,7 +159,7 @@ class _Run:
     seen: int = 0
     hard: int = 0
     tripped: bool = False
-    _verify_trusted: bool | None = None
+    _canary: Canary | None = None
     _canary_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def halt(self, reason: str) -> None:
@@ -168,17 +170,23 @@ class _Run:
     def implausible(self) -> bool:
         return self.hard >= BREAKER_MIN_HARD and self.hard >= BREAKER_SHARE * self.seen
 
-    def verify_trusted(self, rt: Runtime) -> bool:
+    def verify_trusted(self, rt: Runtime) -> Canary:
         """May verify's 'not found' be believed? Once per run, verify is asked about the latest
         payment on record: a route that does not find a payment known to exist (a misrouted
         verify answering a JSON 404) must not write charges off as never made."""
         with self._canary_lock:
-            if self._verify_trusted is None:
-                self._verify_trusted = _canary(rt)
-            return self._verify_trusted
+            if self._canary is None:
+                self._canary = canary(rt)
+            return self._canary
 
 
-def _canary(rt: Runtime) -> bool:
+class Canary(StrEnum):
+    TRUSTED = "trusted"  # verify found the latest payment on record (or none is on record yet)
+    MISROUTED = "misrouted"  # verify says a payment on record does not exist: a broken route
+    UNSURE = "unsure"  # verify gave no clear answer: decide nothing now, pause nothing
+
+
+def canary(rt: Runtime) -> Canary:
     with rt.sessions() as session:
         known = session.execute(
             select(ChargeAttempt)
@@ -187,14 +195,22 @@ def _canary(rt: Runtime) -> bool:
             .limit(1)
         ).scalar_one_or_none()
         if known is None:
-            return True  # nothing known yet to check verify against
+            return Canary.TRUSTED  # nothing known yet to check verify against
         order_id, transaction_id = known.order_id, known.transaction_id
     try:
         payment = rt.gateway.verify(order_id, transaction_id)
-    except Exception as exc:
-        log.error("verify does not find %s, a payment on record (%s)", order_id, type(exc))
-        return False
-    return payment.status is PaymentStatus.SUCCESS
+    except FatoraError as exc:
+        then = verdict(Call.VERIFY, exc.answer).then
+        if then in (Then.NOT_FOUND_RULE, Then.PAUSE_SYSTEMIC):
+            log.error("verify does not find %s, a payment on record (%s)", order_id, exc.answer)
+            return Canary.MISROUTED
+        return Canary.UNSURE  # a timeout, a 5xx: nothing learnt about the route
+    except Exception:
+        log.exception("verify of %s, a payment on record, failed", order_id)
+        return Canary.UNSURE
+    if payment.status is PaymentStatus.SUCCESS:
+        return Canary.TRUSTED
+    return Canary.MISROUTED
 
 
 @dataclass
@@ -364,7 +380,8 @@ def _keep_what_was_accepted(rt: Runtime, results: list[tuple[_Call, Outcome]]) -
                 attempt = session.get(ChargeAttempt, call.attempt_id, with_for_update=True)
                 if attempt is not None and attempt.status in {s.value for s in UNRESOLVED}:
                     attempt.call_ending = CallEnding.ACCEPTED.value
-                    attempt.transaction_id = outcome.transaction_id or attempt.transaction_id
+                    found = outcome.transaction_id or attempt.transaction_id or ""
+                    attempt.transaction_id = found[:120] or None
                     attempt.sent_wall_at = outcome.sent_wall_at or attempt.sent_wall_at
     except Exception:
         log.exception("could not mark %d accepted attempt(s)", len(accepted))
@@ -419,12 +436,15 @@ def _verify(rt: Runtime, call: _Call, now_wall: datetime, run: _Run) -> Outcome:
         if then is Then.NOT_FOUND_RULE:
             sent_by = sent_bound(call.created_wall_at, call.sent_wall_at)
             final = not_found_is_final(call.ending, sent_by, now_wall, rt.unknown_grace)
-            if final and not run.verify_trusted(rt):
+            trust = run.verify_trusted(rt) if final else Canary.TRUSTED
+            if trust is Canary.MISROUTED:
                 return call.outcome(
                     AttemptStatus.UNKNOWN,
                     description="verify does not find a payment on record",
                     classification="systemic",
                 )
+            if trust is Canary.UNSURE:
+                return call.outcome(AttemptStatus.UNKNOWN, description="not found, unconfirmed")
             if final and call.held_decline is not None:
                 kind = call.held_decline
                 return call.outcome(
@@ -869,8 +889,9 @@ def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> N
     if outcome.ending is not None and attempt.call_ending != CallEnding.ACCEPTED.value:
         attempt.call_ending = outcome.ending.value
     attempt.sent_wall_at = attempt.sent_wall_at or outcome.sent_wall_at
-    attempt.transaction_id = outcome.transaction_id or attempt.transaction_id
-    attempt.auth_code = outcome.auth_code or attempt.auth_code
+    # Gateway fields are clipped to their columns: one odd answer must not fail a whole record.
+    attempt.transaction_id = (outcome.transaction_id or attempt.transaction_id or "")[:120] or None
+    attempt.auth_code = (outcome.auth_code or attempt.auth_code or "")[:64] or None
     attempt.description = (outcome.description or attempt.description or "")[:500] or None
     if not (_held_decline(attempt) and outcome.status in UNRESOLVED):
         # (a held decline keeps its word while unresolved: it becomes the decline in the end)
@@ -976,7 +997,7 @@ def _move_invoice(
     if kind == "not_sent":
         invoice.next_attempt_at = now  # nothing happened: the next sweep picks it up
         return "not_sent"
-    if _superseded(session, attempt):
+    if invoice.next_attempt_at is not None and _superseded(session, attempt):
         return "failed"  # an older attempt settled late: the invoice's schedule stays its own
     return _schedule_transient_retry(session, invoice, attempt, outcome, now, report)
 
@@ -992,16 +1013,19 @@ def _superseded(session: Session, attempt: ChargeAttempt) -> bool:
 
 
 def _hard_declines_implausible(session: Session, now: datetime) -> bool:
-    """The breaker across runs and workers: over the last hour, at least FLEET_MIN_HARD hard
-    declines and at least BREAKER_SHARE of all settled attempts (small runs, retries and
-    several workers each see too little to judge)."""
-    since = now - FLEET_WINDOW
-    settled = ChargeAttempt.settled_at >= since
-    total = session.execute(select(func.count()).where(settled)).scalar_one()
-    hard = session.execute(
-        select(func.count()).where(settled, ChargeAttempt.classification == "hard_decline")
-    ).scalar_one()
-    return hard >= FLEET_MIN_HARD and hard >= BREAKER_SHARE * total
+    """The breaker across runs and workers: among the last FLEET_SAMPLE attempts settled in the
+    last FLEET_WINDOW (newest first, by id), at least FLEET_MIN_HARD hard declines making at
+    least BREAKER_SHARE of them. Small runs, retries and several workers each see too little to
+    judge; a long quiet past must not outvote a sudden wave either."""
+    recent = session.execute(
+        select(ChargeAttempt.classification)
+        .where(ChargeAttempt.settled_at >= now - FLEET_WINDOW)
+        .order_by(ChargeAttempt.id.desc())
+        .limit(FLEET_SAMPLE)
+    ).scalars()
+    kinds = list(recent)
+    hard = kinds.count("hard_decline")
+    return hard >= FLEET_MIN_HARD and hard >= BREAKER_SHARE * len(kinds)
 
 
 def _alert_daily(

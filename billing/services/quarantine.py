@@ -97,6 +97,25 @@ def hold(session: Session, row: Quarantinable, exc: BaseException, now: datetime
     return True
 
 
+# A row set aside for an operator is not retried by itself: only `billing quarantine release`.
+SET_ASIDE = timedelta(days=3650)
+
+
+def set_aside(session: Session, row: Quarantinable, reason: str, now: datetime) -> None:
+    """Quarantine ``row`` until an operator releases it (a case no retry can settle, such as a
+    payment found that does not match its invoice). An invoice is not charged meanwhile."""
+    entering = row.quarantined_at is None
+    row.quarantined_at = row.quarantined_at or now
+    row.quarantine_reason = reason[:200]
+    row.quarantine_retry_at = now + SET_ASIDE
+    if isinstance(row, Invoice):
+        row.next_attempt_at = None
+    row.updated_at = now
+    if entering:
+        log.error("%s %s set aside: %s", table_of(row), row.id, reason)
+        _record(session, ALERT, row, now, {"table": table_of(row), "id": row.id, "reason": reason})
+
+
 def release(session: Session, row: Quarantinable, now: datetime, *, by: str = "retry") -> bool:
     """Take ``row`` out of quarantine (its processing succeeded, or an operator said so); True
     when it was quarantined. ``row.released`` is recorded."""
@@ -129,6 +148,8 @@ def release_now(session: Session, row: Quarantinable, now: datetime) -> bool:
         and row.next_attempt_at <= retry_at
     ):
         row.next_attempt_at = min(row.next_attempt_at, now)
+    elif isinstance(row, Invoice) and row.status == InvoiceStatus.OPEN.value:
+        row.next_attempt_at = row.next_attempt_at or now  # set aside: due once released
     return True
 
 

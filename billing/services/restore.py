@@ -4,16 +4,20 @@ it, before anything is charged again.
 A backup knows the attempts written before it; the gateway may hold payments made after it. Run
 on the restored database, with no worker or beat running, ``reconcile_after_restore``:
 
-1. invoices every period that is due, exactly as the renewal would (the renewal after the backup
+1. pauses collection until a run completes, moves every id sequence past the backup's ids (rows
+   created after the backup are lost, their ids are not), and checks that verify finds the
+   latest payment on record (a verify pointed at the wrong account finds nothing, ever);
+2. invoices every period that is due, exactly as the renewal would (the renewal after the backup
    did the same, so each lost invoice comes back as the same subscription period), charging
-   nothing;
-2. for every invoice not yet paid, asks verify about the order ids that may have been used after
+   nothing, and settles what the backup left unresolved;
+3. for every invoice not yet paid, asks verify about the order ids that may have been used after
    the backup (``attempts.order_id_for``): the attempt numbers up to the invoice's count that
    have no row here, then the numbers beyond it until ``PROBE_MISSES`` in a row are unknown to
    the gateway;
-3. records what it finds (a payment pays its invoice; pending and declined payments are kept as
-   history) and moves each invoice's attempt count past every number it asked about, so that
-   no new attempt reuses an order id the gateway may know.
+4. records what it finds (a payment pays its invoice; pending and declined payments are kept as
+   history; a payment that does not match is set aside for an operator), moves each invoice's
+   attempt count past every number it asked about, so that no new attempt reuses an order id
+   the gateway may know, and schedules every open invoice left with nothing to do.
 
 Verify answering anything but a payment or Fatora's own "not found" stops the run: a restore is
 not finished until the gateway has been asked everything.
@@ -25,7 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from billing.attempts import (
@@ -45,7 +49,7 @@ from billing.lifecycle import InvoiceStatus
 from billing.models import CardToken, ChargeAttempt, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
-from billing.services import dunning_flow
+from billing.services import control, dunning_flow, quarantine
 from billing.services.errors import BillingError
 from billing.services.events import record_event
 
@@ -54,7 +58,10 @@ log = logging.getLogger("billing.restore")
 # Attempt numbers unknown to the gateway, in a row, after which an invoice's probe stops. Gaps
 # come from attempts that never reached the gateway (a connect error, a worker killed before
 # sending); more than this many in a row would take days of failures.
-PROBE_MISSES = 10
+PROBE_MISSES = 25
+# How far past the largest id in the backup new rows start (see _skip_used_ids).
+ID_GAP = 1_000_000
+_ID_TABLES = ("customers", "card_tokens", "subscriptions", "invoices", "charge_attempts", "events")
 
 
 class RestoreIncomplete(BillingError):
@@ -85,14 +92,91 @@ class _Open:
 
 
 def reconcile_after_restore(rt: Runtime) -> RestoreReport:
+    """See the module docstring. Collection stays paused until a run completes: an interrupted
+    run (a worker left running, a stale task) charges nothing meanwhile."""
+    from billing.services.charging import Canary, canary, collect_invoices
     from schedules.renewal import run_renewal_pass
 
     report = RestoreReport()
+    ours = _pause(rt)
+    _skip_used_ids(rt)
+    if canary(rt) is not Canary.TRUSTED:
+        raise RestoreIncomplete(
+            "verify does not find the latest payment on record (a wrong key, account or URL?): "
+            "nothing was charged; fix it and run `billing reconcile --after-restore` again"
+        )
     report.invoices_created = len(run_renewal_pass(rt).invoice_ids)
-    for target in _open_invoices(rt):
+    targets = _open_invoices(rt)
+    # What the backup left unresolved is settled first, so that what the probe finds can be
+    # recorded beside it.
+    ids = [t.invoice_id for t in targets]
+    for start in range(0, len(ids), rt.charge_batch_size):
+        collect_invoices(rt, ids[start : start + rt.charge_batch_size], settle_only=True)
+    for target in targets:
         found, last_asked = _probe(rt, target, report)
         _record(rt, target, found, last_asked=last_asked, report=report)
+    _schedule_the_rest(rt)
+    if ours:
+        _resume(rt)
     return report
+
+
+_RESTORING = "restore in progress: run `billing reconcile --after-restore` until it completes"
+
+
+def _pause(rt: Runtime) -> bool:
+    """Pause collection for the restore; True when this run paused it (and will resume it)."""
+    with rt.sessions() as session, session.begin():
+        reason = control.collection_paused(session)
+        if reason is None:
+            control.pause_collection(session, _RESTORING, rt.clock.now())
+            return True
+        return reason == _RESTORING
+
+
+def _resume(rt: Runtime) -> None:
+    with rt.sessions() as session, session.begin():
+        if control.collection_paused(session) == _RESTORING:
+            control.resume_collection(session, rt.clock.now())
+
+
+def _skip_used_ids(rt: Runtime) -> None:
+    """Rows created after the backup are lost, but their ids may live on at the gateway (in
+    order ids) and at the merchant (in webhook ids): new rows start well past them."""
+    with rt.sessions() as session, session.begin():
+        if session.get_bind().dialect.name != "postgresql":
+            return
+        for table in _ID_TABLES:
+            session.execute(
+                text(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "  # noqa: S608
+                    f"(SELECT coalesce(max(id), 0) FROM {table}) + :gap)"
+                ),
+                {"gap": ID_GAP},
+            )
+
+
+def _schedule_the_rest(rt: Runtime) -> None:
+    """No open invoice is left with nothing to try and nothing unresolved (the backup's own
+    schedule may have been superseded by what the probe found)."""
+    with rt.sessions() as session, session.begin():
+        now = rt.clock.now()
+        unresolved = select(ChargeAttempt.invoice_id).where(
+            ChargeAttempt.status.in_([s.value for s in UNRESOLVED])
+        )
+        stranded = session.execute(
+            select(Invoice)
+            .where(
+                Invoice.status == InvoiceStatus.OPEN.value,
+                Invoice.next_attempt_at.is_(None),
+                Invoice.quarantined_at.is_(None),
+                Invoice.id.not_in(unresolved),
+            )
+            .with_for_update()
+        ).scalars()
+        for invoice in stranded:
+            invoice.next_attempt_at = now
+            invoice.updated_at = now
 
 
 def _probe(
@@ -208,25 +292,13 @@ def _record_payment(
         ).scalar_one_or_none()
     )
     if card_id is None:
-        log.error("payment %s found, but its customer has no card on record", order_id)
-        record_event(
-            session,
-            "alert.payment_unrecorded",
-            invoice=invoice,
-            now=now,
-            payload={"order_id": order_id, "reason": "no card on record"},
-        )
-        return "alerted"
+        quarantine.set_aside(session, invoice, f"payment {order_id} found, no card on record", now)
+        return "set_aside"
     status, word = _status_of(rt, invoice, order_id, payment)
-    if status is AttemptStatus.PENDING and _has_unresolved(session, invoice.id):
-        record_event(
-            session,
-            "alert.payment_unrecorded",
-            invoice=invoice,
-            now=now,
-            payload={"order_id": order_id, "reason": "pending beside another open attempt"},
-        )
-        return "alerted"
+    if status in UNRESOLVED and _has_unresolved(session, invoice.id):
+        reason = f"payment {order_id} pending beside another unresolved attempt"
+        quarantine.set_aside(session, invoice, reason, now)
+        return "set_aside"
     attempt = ChargeAttempt(
         invoice_id=invoice.id,
         card_token_id=card_id,
@@ -239,8 +311,8 @@ def _record_payment(
             if status is AttemptStatus.DECLINED
             else CallEnding.ACCEPTED.value
         ),
-        transaction_id=payment.transaction_id,
-        auth_code=payment.auth_code,
+        transaction_id=(payment.transaction_id or "")[:120] or None,
+        auth_code=(payment.auth_code or "")[:64] or None,
         description=(payment.description or "")[:500] or None,
         classification=f"after_restore_{word}",
         gateway_mode=(payment.mode or "")[:8] or None,
@@ -266,6 +338,8 @@ def _record_payment(
             )
             return "duplicate_payment"
     elif status is AttemptStatus.ANOMALY:
+        # Money taken that does not match the invoice (a price changed after the backup?):
+        # nothing more is charged until a human has looked.
         record_event(
             session,
             "alert.payment_mismatch",
@@ -273,6 +347,7 @@ def _record_payment(
             now=now,
             payload={"attempt_id": attempt.id, "order_id": order_id},
         )
+        quarantine.set_aside(session, invoice, f"payment {order_id} does not match", now)
     return word
 
 
