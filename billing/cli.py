@@ -47,6 +47,10 @@ quarantine_app = typer.Typer(
     no_args_is_help=True,
     help="Subscriptions and invoices set aside because processing them raised.",
 )
+events_app = typer.Typer(
+    no_args_is_help=True,
+    help="The outbox: events and their delivery by email and merchant webhook.",
+)
 for sub_app, name in (
     (db_app, "db"),
     (plans_app, "plans"),
@@ -58,6 +62,7 @@ for sub_app, name in (
     (keys_app, "keys"),
     (collection_app, "collection"),
     (quarantine_app, "quarantine"),
+    (events_app, "events"),
 ):
     app.add_typer(sub_app, name=name)
 
@@ -635,6 +640,95 @@ def quarantine_release(
         for r in results
     ]
     emit(results, as_json, "\n".join(lines))
+
+
+# -- events (the outbox and its delivery) ------------------------------------------------------
+
+
+@events_app.command("list")
+def events_list(
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Only events whose delivery was given up.")
+    ] = False,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="Only events of this delivery status."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """The latest events, newest first, with how their delivery went."""
+    from billing.notify import DeliveryStatus
+    from billing.services.notifications import describe_event, list_events
+
+    wanted: DeliveryStatus | None = DeliveryStatus.FAILED if failed else None
+    if status is not None:
+        try:
+            chosen = DeliveryStatus(status)
+        except ValueError:
+            words = ", ".join(s.value for s in DeliveryStatus)
+            raise fail(f"--status must be one of {words}") from None
+        if wanted is not None and chosen is not wanted:
+            raise fail("--failed and --status disagree: give one of them")
+        wanted = chosen
+    with unit_of_work() as (session, _now):
+        rows = [describe_event(e) for e in list_events(session, status=wanted, limit=limit)]
+    if as_json:
+        emit(rows, True, "")
+    elif not rows:
+        out.print("no failed event" if wanted is DeliveryStatus.FAILED else "no event")
+    else:  # one line per event (grep-friendly, never folded by the terminal's width)
+        for row in rows:
+            when = {
+                "pending": f"next {row['next_delivery_at'] or 'now'}",
+                "delivered": f"at {row['delivered_at']}",
+                "failed": f"at {row['failed_at']}",
+            }.get(row["status"], "")
+            error = f"  {row['last_error']}" if row["last_error"] else ""
+            out.print(
+                f"{row['id']}  {row['created_at']}  {row['kind']}  {row['status']} {when}  "
+                f"tries {row['attempts']}{error}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+@events_app.command("deliver")
+def events_deliver(as_json: JsonOpt = False) -> None:
+    """Deliver every event that is due now (what beat runs every minute)."""
+    from billing.runtime import get_runtime
+    from billing.services.notifications import channels_from_settings, deliver_due
+
+    try:
+        with channels_from_settings() as channels:
+            counts = deliver_due(get_runtime(), channels).as_dict()
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    emit(counts, as_json, ", ".join(f"{name} {count}" for name, count in counts.items()))
+
+
+@events_app.command("retry")
+def events_retry(
+    event_ids: Annotated[list[int] | None, typer.Argument(help="Failed events to retry.")] = None,
+    all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed event.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deliver failed events again, with a fresh retry schedule.
+
+    After fixing the endpoint: the next delivery run (within a minute) tries their failed
+    channels again; channels already sent are not sent again.
+    """
+    from billing.services.notifications import retry_failed
+
+    if bool(event_ids) == all_failed:
+        raise fail("name the failed events to retry (IDs), or give --all-failed")
+    with unit_of_work() as (session, now):
+        retried = retry_failed(session, None if all_failed else list(event_ids or []), now)
+        missing = sorted(set(event_ids or []) - set(retried))
+        if missing:  # raised inside the transaction: nothing is changed
+            listed = ", ".join(str(i) for i in missing)
+            raise fail(f"not a failed event: {listed}; nothing was changed")
+    emit({"retried": retried}, as_json, f"{len(retried)} event(s) to be delivered again")
 
 
 # -- the billing run -------------------------------------------------------------------------

@@ -65,6 +65,20 @@ class BillingSettings(BaseSettings):
     # Base URL of the return endpoint that Fatora redirects payers to after a checkout.
     public_url: str = "http://localhost:8000"
 
+    # Notifications (billing/services/notifications.py): a channel whose URL is unset is skipped.
+    # smtp://user:pass@host:587 (STARTTLS, required before a password is sent), smtps://host:465
+    # (implicit TLS), smtp://host:25 (plain, without a password: local relays and tests).
+    smtp_url: SecretStr | None = None
+    email_from: str = "billing@localhost"  # "Shop <billing@shop.example>": the name is signed
+    alert_email: str | None = None  # the operator: every alert.* event is emailed here
+    # The merchant's endpoint (it may carry a token) and its Standard Webhooks secret whsec_...
+    webhook_url: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+    smtp_timeout_s: float = Field(default=30.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Events claimed (and locked) per delivery transaction.
+    notification_batch_size: int = Field(default=50, ge=1, le=1000)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> BillingSettings:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from billing.attempts import UNRESOLVED, AttemptStatus, CallEnding
 from billing.db import UTCDateTime
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
+from billing.notify import DeliveryStatus
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -306,8 +307,18 @@ class ChargeAttempt(Base):
     )
 
 
+# The predicate of the index of the events still to deliver (0005_event_delivery repeats it).
+_UNDELIVERED_SQL = f"delivery_status = '{DeliveryStatus.PENDING.value}'"
+
+
 class Event(Base):
-    """The outbox: written in the same transaction as the state change it reports."""
+    """The outbox: written in the same transaction as the state change it reports.
+
+    Delivered by ``billing/services/notifications.py``: ``delivery_status`` says where it
+    stands, ``delivery_channels`` how each channel (email, alert_email, webhook) went,
+    ``next_delivery_at`` when a failed delivery is tried again (NULL: at once), ``last_error``
+    why the latest try failed (never a secret), ``failed_at`` when it was given up.
+    """
 
     __tablename__ = "events"
 
@@ -320,13 +331,21 @@ class Event(Base):
     created_at: Mapped[datetime]
     delivered_at: Mapped[datetime | None]
     delivery_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    delivery_status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    delivery_channels: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    next_delivery_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    failed_at: Mapped[datetime | None]
 
     __table_args__ = (
+        CheckConstraint(_in("delivery_status", DeliveryStatus), name="delivery_status"),
+        # The deliverer's index: only events still to deliver are in it, so delivered, skipped
+        # and failed ones (the bulk of the table) cost the claim nothing.
         Index(
             "ix_events_undelivered",
             "id",
-            postgresql_where=text("delivered_at IS NULL"),
-            sqlite_where=text("delivered_at IS NULL"),
+            postgresql_where=text(_UNDELIVERED_SQL),
+            sqlite_where=text(_UNDELIVERED_SQL),
         ),
     )
 

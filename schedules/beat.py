@@ -1,7 +1,8 @@
 """The beat timetable: what runs when (``celery -A workers.app beat``).
 
-Renewal and due retries every minute; the janitor every five minutes (each attempt carries its
-own next verify time, so a frequent janitor costs little); the token expiry sweep hourly.
+Renewal, due retries and the outbox delivery (queue ``notifications``) every minute; the janitor
+every five minutes (each attempt carries its own next verify time, so a frequent janitor costs
+little); the token expiry sweep hourly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "billing.retry_due",
         "schedule": 60.0,
         "options": {"queue": "maintenance", "expires": 55},
+    },
+    "deliver-events": {
+        "task": "billing.deliver_events",
+        "schedule": 60.0,
+        "options": {"queue": "notifications", "expires": 55},
     },
     "janitor": {
         "task": "billing.janitor",

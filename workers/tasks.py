@@ -88,6 +88,16 @@ def token_expiry_sweep() -> int:
     return sweep_expiring_tokens(get_runtime())
 
 
+@app.task(name="billing.deliver_events", ignore_result=True)
+def deliver_events() -> dict[str, int]:
+    """Deliver the outbox (queue ``notifications``): no arguments, so no secret or address is
+    ever one; the channels come from the settings of the worker."""
+    from billing.services.notifications import channels_from_settings, deliver_due
+
+    with channels_from_settings() as channels:
+        return deliver_due(get_runtime(), channels).as_dict()
+
+
 @app.task(name="billing.noop", ignore_result=False)
 def noop() -> None:
     """Does nothing: the benchmark's measure of Celery's own cost per task."""

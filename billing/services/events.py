@@ -1,7 +1,8 @@
 """The outbox: events written in the same transaction as the state change they report.
 
-Notifications (email, push, merchant webhooks) and alerts are delivered from here later; an
-event exists if and only if the change it reports was committed. Payloads carry ids and words,
+Notifications (email, merchant webhooks) and alerts are delivered from here by
+``billing.services.notifications``; an event exists if and only if the change it reports was
+committed. Payloads carry ids and words,
 never a card token.
 
 ``record_event`` keeps the row with the session's transaction; when that transaction commits,
