@@ -26,6 +26,11 @@ class AttemptStatus(StrEnum):
     ANOMALY = "anomaly"  # verify reports money taken that does not match: a human must look
 
 
+class AttemptKind(StrEnum):
+    COLLECT = "collect"  # collect-payment on a stored card, by a worker
+    CHECKOUT = "checkout"  # the customer pays on Fatora's hosted page (the pay-and-update link)
+
+
 UNRESOLVED = frozenset({AttemptStatus.IN_FLIGHT, AttemptStatus.UNKNOWN, AttemptStatus.PENDING})
 
 

@@ -475,6 +475,22 @@ def subs_list(
         table(rows, ["id", "customer", "plan", "status", "current_period_end", "next_billing_at"])
 
 
+@invoices_app.command("link")
+def invoices_link(invoice_id: int, as_json: JsonOpt = False) -> None:
+    """The customer's pay-and-update link for an open invoice (served by `billing web`)."""
+    from billing.crypto import vault_from_settings
+    from billing.services.paylink import link_for
+
+    with unit_of_work() as (session, _now):
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None:
+            raise fail(f"no invoice {invoice_id}")
+        if invoice.status != InvoiceStatus.OPEN.value:
+            raise fail(f"invoice {invoice_id} is {invoice.status}: there is nothing to pay")
+    link = link_for(vault_from_settings(), invoice_id)
+    emit({"invoice_id": invoice_id, "link": link}, as_json, link)
+
+
 @invoices_app.command("list")
 def invoices_list(
     subscription: Annotated[int | None, typer.Option("--subscription")] = None,
@@ -775,6 +791,19 @@ def reconcile(
         return
     result = runner.reconcile()
     emit(result, as_json, runner.describe_reconcile(result))
+
+
+@app.command("web")
+def web(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+) -> None:
+    """Serve the pay-and-update links and Fatora's return pages (BILLING_PUBLIC_URL points here)."""
+    import uvicorn
+
+    from billing.web import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
 
 
 @app.command("sandbox")

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from billing.attempts import UNRESOLVED, AttemptStatus, CallEnding
+from billing.attempts import UNRESOLVED, AttemptKind, AttemptStatus, CallEnding
 from billing.db import UTCDateTime
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 from billing.notify import DeliveryStatus
@@ -261,7 +261,11 @@ class ChargeAttempt(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     invoice_id: Mapped[int] = mapped_column(ForeignKey("invoices.id"), index=True)
-    card_token_id: Mapped[int] = mapped_column(ForeignKey("card_tokens.id"))
+    # A collect charges a stored card; a checkout is paid by the customer on Fatora's hosted page
+    # (no card until it is paid: the payment gives one).
+    kind: Mapped[str] = mapped_column(String(16), server_default=AttemptKind.COLLECT.value)
+    card_token_id: Mapped[int | None] = mapped_column(ForeignKey("card_tokens.id"))
+    checkout_url: Mapped[str | None] = mapped_column(String(500))
     order_id: Mapped[str] = mapped_column(String(64), unique=True)
     amount_minor: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
@@ -289,6 +293,7 @@ class ChargeAttempt(Base):
         CheckConstraint(
             "call_ending IS NULL OR " + _in("call_ending", CallEnding), name="call_ending"
         ),
+        CheckConstraint(_in("kind", AttemptKind), name="kind"),
         # The fence: at most one attempt per invoice whose outcome is not known. A second worker
         # (a lost lock, a redelivered task) cannot start a charge while the first may have landed.
         Index(

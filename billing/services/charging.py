@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from billing.attempts import (
     SEND_WINDOW,
     UNRESOLVED,
+    AttemptKind,
     AttemptStatus,
     CallEnding,
     Expected,
@@ -110,6 +111,8 @@ class Outcome:
     # Pause collection for this reason ("auth_error", "systemic") while keeping the
     # classification (a held decline keeps its word through a broken verify).
     pause: str | None = None
+    # The card token a paid checkout saved (verify reports it): a credential, never shown.
+    card_token: str | None = field(default=None, repr=False)
     # The exception behind a transient outcome, for the retry decision (never persisted).
     error: BaseException | None = field(default=None, compare=False)
 
@@ -137,6 +140,8 @@ class _Call:
     sent_wall_at: datetime | None = None
     # A decline the collect answered but verify could not confirm yet (see _confirm_decline).
     held_decline: DeclineKind | None = None
+    # Paid by the customer on the hosted page (the pay-and-update link), not by a collect.
+    checkout: bool = False
     ciphertext: bytes | None = field(default=None, repr=False)
 
     def outcome(self, status: AttemptStatus, **fields: object) -> Outcome:
@@ -380,8 +385,8 @@ def _keep_what_was_accepted(rt: Runtime, results: list[tuple[_Call, Outcome]]) -
                 attempt = session.get(ChargeAttempt, call.attempt_id, with_for_update=True)
                 if attempt is not None and attempt.status in {s.value for s in UNRESOLVED}:
                     attempt.call_ending = CallEnding.ACCEPTED.value
-                    found = outcome.transaction_id or attempt.transaction_id or ""
-                    attempt.transaction_id = found[:120] or None
+                    found = outcome.transaction_id or attempt.transaction_id
+                    attempt.transaction_id = gateway_text(found, 120)
                     attempt.sent_wall_at = outcome.sent_wall_at or attempt.sent_wall_at
     except Exception:
         log.exception("could not mark %d accepted attempt(s)", len(accepted))
@@ -414,6 +419,7 @@ def _call_of(attempt: ChargeAttempt, ciphertext: bytes | None = None) -> _Call:
         created_wall_at=attempt.created_wall_at,
         sent_wall_at=attempt.sent_wall_at,
         held_decline=_held_decline(attempt),
+        checkout=attempt.kind == AttemptKind.CHECKOUT.value,
         ciphertext=ciphertext,
     )
 
@@ -496,8 +502,14 @@ def _judge(rt: Runtime, call: _Call, payment: Payment) -> Outcome:
         reason = payment_mismatch(expected, payment)
         if reason is not None:
             return call.outcome(AttemptStatus.ANOMALY, classification="mismatch", **common)
-        return call.outcome(AttemptStatus.SUCCEEDED, classification="paid", **common)
+        token = payment.card_token if call.checkout else None
+        return call.outcome(
+            AttemptStatus.SUCCEEDED, classification="paid", card_token=token, **common
+        )
     if payment.status is PaymentStatus.PENDING:
+        if call.checkout and datetime.now(UTC) - call.created_wall_at >= rt.unknown_grace:
+            # A hosted page left unpaid: the link makes a new one when the customer comes back.
+            return call.outcome(AttemptStatus.FAILED, classification="checkout_expired", **common)
         return call.outcome(AttemptStatus.PENDING, classification="pending", **common)
     if reads_as_auth(payment.description or ""):
         # Failed for the merchant's key or account, not the card: no money, nobody dunned.
@@ -854,6 +866,8 @@ def _record(
                 continue
             _write_attempt(attempt, outcome, now)
             word = _move_invoice(session, invoice, attempt, outcome, now, report)
+            if outcome.card_token is not None and word == "paid":
+                adopt_card(rt, session, invoice, attempt, outcome.card_token, now)
             report.note(invoice.id, word)
         del subs  # held so that the session's (weak) identity map keeps them for session.get
 
@@ -872,6 +886,39 @@ def _still_never_charged(
     return replace(outcome, status=AttemptStatus.UNKNOWN, classification=None)
 
 
+def adopt_card(
+    rt: Runtime,
+    session: Session,
+    invoice: Invoice,
+    attempt: ChargeAttempt,
+    token: str,
+    now: datetime,
+) -> None:
+    """A paid checkout saved a card: store it (encrypted, byte for byte) and charge it from now
+    on. The same token seen again (the success page called twice) is the card already stored."""
+    from billing.models import Customer
+    from billing.services.customers import add_card
+
+    sub = session.get(Subscription, invoice.subscription_id)
+    customer = session.get(Customer, sub.customer_id) if sub is not None else None
+    if sub is None or customer is None:
+        return
+    stored = session.execute(
+        select(CardToken).where(CardToken.fingerprint.in_(rt.vault.fingerprints(token)))
+    ).scalar_one_or_none()
+    card = stored or add_card(session, rt.vault, customer=customer, token=token, now=now)
+    if card.customer_id != customer.id:
+        log.error("checkout %s returned another customer's card: not adopted", attempt.order_id)
+        return
+    attempt.card_token_id = card.id
+    if sub.card_token_id != card.id:
+        sub.card_token_id = card.id
+        sub.updated_at = now
+        record_event(
+            session, "card.replaced", subscription=sub, now=now, payload={"card_id": card.id}
+        )
+
+
 def _may_record(attempt: ChargeAttempt, outcome: Outcome) -> bool:
     if attempt.status in {s.value for s in UNRESOLVED}:
         return True
@@ -883,16 +930,25 @@ def _may_record(attempt: ChargeAttempt, outcome: Outcome) -> bool:
     )
 
 
+def gateway_text(text: str | None, limit: int) -> str | None:
+    """Text from the gateway as it can be stored: no control characters, at most ``limit``."""
+    if not text:
+        return None
+    cleaned = "".join(ch for ch in text if ch >= " " or ch == "\t")
+    return cleaned[:limit] or None
+
+
 def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> None:
     attempt.status = outcome.status.value
     # ACCEPTED is never downgraded: once the gateway took the charge, it stays taken-or-known.
     if outcome.ending is not None and attempt.call_ending != CallEnding.ACCEPTED.value:
         attempt.call_ending = outcome.ending.value
     attempt.sent_wall_at = attempt.sent_wall_at or outcome.sent_wall_at
-    # Gateway fields are clipped to their columns: one odd answer must not fail a whole record.
-    attempt.transaction_id = (outcome.transaction_id or attempt.transaction_id or "")[:120] or None
-    attempt.auth_code = (outcome.auth_code or attempt.auth_code or "")[:64] or None
-    attempt.description = (outcome.description or attempt.description or "")[:500] or None
+    # Gateway text fits its column and the database (no NUL): one odd answer must not fail a
+    # whole record.
+    attempt.transaction_id = gateway_text(outcome.transaction_id or attempt.transaction_id, 120)
+    attempt.auth_code = gateway_text(outcome.auth_code or attempt.auth_code, 64)
+    attempt.description = gateway_text(outcome.description or attempt.description, 500)
     if not (_held_decline(attempt) and outcome.status in UNRESOLVED):
         # (a held decline keeps its word while unresolved: it becomes the decline in the end)
         attempt.classification = outcome.classification or attempt.classification
@@ -957,6 +1013,10 @@ def _move_invoice(
             now=now,
         )
         return "anomaly"
+    if attempt.kind == AttemptKind.CHECKOUT.value:
+        # The customer's own try on the hosted page: while it is open nothing else is charged
+        # (the fence), and whatever becomes of it, the invoice keeps its own schedule.
+        return "checkout_open" if status in UNRESOLVED else f"checkout_{status.value}"
     if status in UNRESOLVED:
         # The janitor verifies it (attempt.next_verify_at); no new charge meanwhile.
         invoice.next_attempt_at = None
@@ -967,7 +1027,7 @@ def _move_invoice(
             control.pause_collection(session, "implausible share of hard declines", now)
             invoice.next_attempt_at = now
             return "suspect_decline"
-        if outcome.decline_kind is DeclineKind.HARD:
+        if outcome.decline_kind is DeclineKind.HARD and attempt.card_token_id is not None:
             card = session.get(CardToken, attempt.card_token_id)
             if card is not None and card.status == CardStatus.ACTIVE.value:
                 card.status = CardStatus.DEAD.value

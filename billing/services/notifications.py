@@ -666,8 +666,23 @@ def _facts(event: Event, loaded: _Loaded, customer: Customer, channels: Channels
         paid_at=invoice.paid_at if invoice is not None else None,
         next_billing_at=sub.next_billing_at if sub is not None else None,
         canceled_at=sub.canceled_at if sub is not None else None,
-        payload=event.payload,
+        payload={**event.payload, **_pay_link(invoice)},
     )
+
+
+def _pay_link(invoice: Invoice | None) -> dict[str, str]:
+    """The pay-and-update link for an invoice still open when the message goes out (made at
+    delivery: a link is only a signed invoice reference, the hosted page is made on a click)."""
+    if invoice is None or invoice.status != "open":
+        return {}
+    from billing.crypto import vault_from_settings
+    from billing.services.paylink import link_for
+
+    try:
+        return {"pay_url": link_for(vault_from_settings(), invoice.id)}
+    except Exception:  # no token key here: the message asks the customer to contact the merchant
+        log.warning("no pay link for invoice %s", invoice.id, exc_info=True)
+        return {}
 
 
 def _message(

@@ -50,6 +50,7 @@ from billing.models import CardToken, ChargeAttempt, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
 from billing.services import control, dunning_flow, quarantine
+from billing.services.charging import gateway_text
 from billing.services.errors import BillingError
 from billing.services.events import record_event
 
@@ -98,8 +99,8 @@ def reconcile_after_restore(rt: Runtime) -> RestoreReport:
     from schedules.renewal import run_renewal_pass
 
     report = RestoreReport()
+    _skip_used_ids(rt)  # first: even the pause's own alert must get a fresh id
     ours = _pause(rt)
-    _skip_used_ids(rt)
     if canary(rt) is not Canary.TRUSTED:
         raise RestoreIncomplete(
             "verify does not find the latest payment on record (a wrong key, account or URL?): "
@@ -311,9 +312,9 @@ def _record_payment(
             if status is AttemptStatus.DECLINED
             else CallEnding.ACCEPTED.value
         ),
-        transaction_id=(payment.transaction_id or "")[:120] or None,
-        auth_code=(payment.auth_code or "")[:64] or None,
-        description=(payment.description or "")[:500] or None,
+        transaction_id=gateway_text(payment.transaction_id, 120),
+        auth_code=gateway_text(payment.auth_code, 64),
+        description=gateway_text(payment.description, 500),
         classification=f"after_restore_{word}",
         gateway_mode=(payment.mode or "")[:8] or None,
         verify_count=1,

@@ -190,7 +190,16 @@ def _settle_everything(rt: Runtime, broker: Celery, deadline_s: float = 90.0) ->
         settled = run_janitor(rt, everything=True)
         # As the janitor task does: invoices found never charged are charged again.
         _send(broker, sorted(set(due_retries(rt)) | set(settled.retry_in)))
-    raise AssertionError(f"{open_count} invoice(s) still open after {deadline_s} s")
+    with rt.sessions() as session:
+        paused = control.collection_paused(session)
+        kinds = Counter(
+            f"{a.status}/{a.classification}"
+            for a in session.execute(select(ChargeAttempt)).scalars()
+        )
+    raise AssertionError(
+        f"{open_count} invoice(s) still open after {deadline_s} s "
+        f"(collection paused: {paused}; attempts: {dict(kinds)})"
+    )
 
 
 def _assert_exactly_once(rt: Runtime, sandbox: Sandbox) -> int:

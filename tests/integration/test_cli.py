@@ -366,3 +366,10 @@ def test_reconcile_after_restore_reports_what_it_asked(cli_env: str) -> None:
     assert "no payment made after the backup was found" in out
     data = json.loads(run("reconcile", "--after-restore", "--json"))
     assert (data["invoices_created"], data["order_ids_asked"], data["found"]) == (0, 0, {})
+
+
+def test_invoices_link_names_a_missing_invoice_in_one_line(cli_env: str) -> None:
+    """An operator asking for a link to an invoice that does not exist gets one clear line."""
+    out = run("invoices", "link", "999", ok=False)
+    assert "no invoice 999" in out
+    assert "Traceback" not in out

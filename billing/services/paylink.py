@@ -1,0 +1,220 @@
+"""The pay-and-update link: a customer pays an open invoice on Fatora's hosted page, and the same
+payment gives a new card, which the subscription is charged with from then on.
+
+``link_for`` makes the link (signed: nobody can guess another customer's). Opening it
+(``open_checkout``) writes a ``checkout`` attempt first, like any charge (the fence: while the
+customer is on the page, no worker charges the invoice), then asks Fatora for a hosted page with
+``save_token`` and sends the customer there; the page is made on demand, so a link never
+expires before it is clicked. Fatora's redirect back (``settle_return``) is trusted for nothing:
+the invoice's unresolved attempts are settled through verify exactly as a worker would
+(``collect_invoices(..., settle_only=True)``: order id, amount, currency and mode checked), and
+the card comes from verify's answer (from the redirect only when verify gives none, and only for
+a payment verify confirmed). The redirect may come several times, forged or replayed: it only
+ever triggers that settling, which is idempotent.
+
+A page left unpaid stays open for ``BILLING_UNKNOWN_GRACE_S`` (a payment on it may still land);
+then the worker's schedule resumes, and the link makes a new page when the customer comes back.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from billing.attempts import UNRESOLVED, AttemptKind, AttemptStatus, CallEnding, next_verify_delay
+from billing.config import get_settings
+from billing.crypto import TokenVault
+from billing.fatora.errors import FatoraError
+from billing.fatora.parsing import parse_redirect_params
+from billing.lifecycle import InvoiceStatus
+from billing.models import ChargeAttempt, Customer, Invoice, Subscription
+from billing.money import from_minor
+from billing.runtime import Runtime
+from billing.services import control
+
+log = logging.getLogger("billing.paylink")
+
+
+@dataclass(frozen=True)
+class Page:
+    """What the customer is shown (``word``) or where they are sent (``url``)."""
+
+    word: str  # redirect, paid, pending, failed, closed, busy, unavailable, invalid
+    language: str = "en"
+    url: str | None = None
+    link: str | None = None  # the pay link again, to try once more
+
+
+def _signature(vault: TokenVault, invoice_id: int) -> list[str]:
+    # The vault's keyed fingerprint, kept apart from token fingerprints by its prefix; every
+    # configured key is accepted, so links survive a key rotation.
+    return [mac[:24] for mac in vault.fingerprints(f"pay-link:{invoice_id}")]
+
+
+def reference(vault: TokenVault, invoice_id: int) -> str:
+    return f"{invoice_id}-{_signature(vault, invoice_id)[0]}"
+
+
+def link_for(vault: TokenVault, invoice_id: int) -> str:
+    """The customer's link to pay this invoice (and replace the card)."""
+    return f"{get_settings().public_url.rstrip('/')}/pay/{reference(vault, invoice_id)}"
+
+
+def invoice_of_reference(vault: TokenVault, ref: str) -> int | None:
+    """The invoice a reference names, or None for a forged or damaged one."""
+    number, _, signature = ref.partition("-")
+    if not number.isdigit() or len(number) > 18:
+        return None
+    invoice_id = int(number)
+    if not any(hmac.compare_digest(signature, good) for good in _signature(vault, invoice_id)):
+        return None
+    return invoice_id
+
+
+def open_checkout(rt: Runtime, ref: str) -> Page:
+    invoice_id = invoice_of_reference(rt.vault, ref)
+    if invoice_id is None:
+        return Page("invalid")
+    with rt.sessions() as session, session.begin():
+        now = rt.clock.now()
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None:
+            return Page("invalid")
+        sub = session.get(Subscription, invoice.subscription_id, with_for_update=True)
+        session.refresh(invoice, with_for_update=True)
+        assert sub is not None
+        customer = session.get(Customer, sub.customer_id)
+        assert customer is not None
+        language = customer.language
+        if invoice.status == InvoiceStatus.PAID.value:
+            return Page("paid", language)
+        if invoice.status != InvoiceStatus.OPEN.value:
+            return Page("closed", language)
+        open_attempt = session.execute(
+            select(ChargeAttempt).where(
+                ChargeAttempt.invoice_id == invoice.id,
+                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+            )
+        ).scalar_one_or_none()
+        if open_attempt is not None:
+            if open_attempt.kind == AttemptKind.CHECKOUT.value and open_attempt.checkout_url:
+                return Page("redirect", language, url=open_attempt.checkout_url)
+            return Page("busy", language)  # a charge is under way: its outcome comes first
+        if control.collection_paused(session) is not None:
+            return Page("unavailable", language)
+        from billing.services.charging import new_order_id
+
+        attempt = ChargeAttempt(
+            invoice_id=invoice.id,
+            kind=AttemptKind.CHECKOUT.value,
+            card_token_id=None,
+            order_id=new_order_id(invoice),
+            amount_minor=invoice.amount_minor,
+            currency=invoice.currency,
+            status=AttemptStatus.PENDING.value,
+            call_ending=CallEnding.NO_ANSWER.value,
+            classification="checkout",
+            next_verify_at=now + next_verify_delay(0),
+            created_at=now,
+            created_wall_at=datetime.now(UTC),
+            sent_wall_at=datetime.now(UTC),
+            updated_at=now,
+        )
+        session.add(attempt)
+        invoice.attempt_count += 1
+        invoice.updated_at = now
+        session.flush()
+        attempt_id, order_id = attempt.id, attempt.order_id
+        amount = from_minor(invoice.amount_minor, invoice.currency)
+        currency = invoice.currency
+        client = (customer.name, customer.email, customer.phone)
+    back = f"{get_settings().public_url.rstrip('/')}/return/{ref}"
+    try:
+        hosted = rt.gateway.checkout(
+            amount=amount,
+            currency=currency,
+            order_id=order_id,
+            client_name=client[0],
+            client_email=client[1],
+            client_phone=client[2],
+            language=language,
+            success_url=back,
+            failure_url=back,
+            save_token=True,
+        )
+    except FatoraError as exc:
+        # Making a hosted page moves no money: the attempt ends here, nothing to verify.
+        log.warning("checkout for invoice %s could not be made: %s", invoice_id, exc.answer)
+        _close(rt, attempt_id, f"checkout not made: {type(exc).__name__}")
+        return Page("unavailable", language)
+    with rt.sessions() as session, session.begin():
+        row = session.get(ChargeAttempt, attempt_id, with_for_update=True)
+        if row is not None:
+            row.checkout_url = hosted.checkout_url[:500]
+    return Page("redirect", language, url=hosted.checkout_url)
+
+
+def _close(rt: Runtime, attempt_id: int, why: str) -> None:
+    with rt.sessions() as session, session.begin():
+        row = session.get(ChargeAttempt, attempt_id, with_for_update=True)
+        if row is not None and row.status in {s.value for s in UNRESOLVED}:
+            now = rt.clock.now()
+            row.status = AttemptStatus.FAILED.value
+            row.description = why[:500]
+            row.next_verify_at = None
+            row.settled_at = now
+            row.updated_at = now
+
+
+def settle_return(rt: Runtime, ref: str, query: str) -> Page:
+    """Fatora sent the customer back: settle through verify, never through the redirect."""
+    from billing.services.charging import collect_invoices
+
+    invoice_id = invoice_of_reference(rt.vault, ref)
+    if invoice_id is None:
+        return Page("invalid")
+    collect_invoices(rt, [invoice_id], settle_only=True)
+    try:
+        redirect = parse_redirect_params(query)
+    except ValueError:
+        redirect = None
+    with rt.sessions() as session, session.begin():
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None:
+            return Page("invalid")
+        sub = session.get(Subscription, invoice.subscription_id)
+        customer = session.get(Customer, sub.customer_id) if sub is not None else None
+        language = customer.language if customer is not None else "en"
+        latest = session.execute(
+            select(ChargeAttempt)
+            .where(
+                ChargeAttempt.invoice_id == invoice.id,
+                ChargeAttempt.kind == AttemptKind.CHECKOUT.value,
+            )
+            .order_by(ChargeAttempt.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        if invoice.status == InvoiceStatus.PAID.value:
+            if (
+                latest is not None
+                and latest.status == AttemptStatus.SUCCEEDED.value
+                and latest.card_token_id is None
+                and redirect is not None
+                and redirect.card_token
+                and redirect.order_id in (None, latest.order_id)
+            ):
+                # Verify confirmed this payment but did not report its card: the redirect's
+                # token is the only one there is (a forged one would only fail when charged).
+                from billing.services.charging import adopt_card
+
+                adopt_card(rt, session, invoice, latest, redirect.card_token, rt.clock.now())
+            return Page("paid", language)
+        if invoice.status != InvoiceStatus.OPEN.value:
+            return Page("closed", language)
+        if latest is not None and latest.status in {s.value for s in UNRESOLVED}:
+            return Page("pending", language)
+    return Page("failed", language, link=link_for(rt.vault, invoice_id))
