@@ -19,7 +19,11 @@ from billing.attempts import UNRESOLVED
 from billing.lifecycle import InvoiceStatus
 from billing.models import ChargeAttempt, Event, Invoice
 from billing.runtime import Runtime
-from billing.services.charging import CollectionReport, collect_invoices
+from billing.services.charging import (
+    CLOSED_CHECKOUT_WATCHED,
+    CollectionReport,
+    collect_invoices,
+)
 from billing.services.events import record_event
 
 log = logging.getLogger("billing.janitor")
@@ -68,7 +72,10 @@ def run_janitor(
     at = now or rt.clock.now()
     with rt.sessions() as session:
         query = select(ChargeAttempt.invoice_id).where(
-            ChargeAttempt.status.in_([s.value for s in UNRESOLVED])
+            or_(
+                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                CLOSED_CHECKOUT_WATCHED,  # a closed hosted page may still be paid late
+            )
         )
         if not everything:
             query = query.where(ChargeAttempt.next_verify_at <= at)

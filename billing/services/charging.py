@@ -29,7 +29,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from billing.attempts import (
@@ -50,7 +50,7 @@ from billing.fatora.answers import Call, Money, Then, reads_as_auth, verdict
 from billing.fatora.errors import Declined, FatoraError, OutcomeUnknown
 from billing.fatora.retry import retry_decision
 from billing.fatora.types import DeclineKind, Payment, PaymentStatus
-from billing.lifecycle import InvoiceStatus
+from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 from billing.locks import Held
 from billing.models import Base, CardStatus, CardToken, ChargeAttempt, Event, Invoice, Subscription
 from billing.money import from_minor
@@ -396,15 +396,29 @@ def _keep_what_was_accepted(rt: Runtime, results: list[tuple[_Call, Outcome]]) -
 
 
 def _unresolved_calls(rt: Runtime, invoice_ids: list[int]) -> list[_Call]:
-    """The attempts of these invoices whose outcome is not known yet, to verify first."""
+    """The attempts of these invoices whose outcome is not known yet, to verify first (with the
+    hosted pages that closed lately: a customer may still pay an old tab)."""
     with rt.sessions() as session:
         attempts = session.execute(
             select(ChargeAttempt).where(
                 id_in(session, ChargeAttempt.invoice_id, invoice_ids),
-                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                or_(
+                    ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                    CLOSED_CHECKOUT_WATCHED,
+                ),
             )
         ).scalars()
         return [_call_of(a) for a in attempts]
+
+
+# A hosted page closed unpaid is still verified daily for CHECKOUT_WATCH: paid late, its money is
+# recorded (the invoice paid, or a duplicate payment raised), never lost.
+CHECKOUT_WATCH = timedelta(days=7)
+CLOSED_CHECKOUT_WATCHED = and_(
+    ChargeAttempt.kind == AttemptKind.CHECKOUT.value,
+    ChargeAttempt.status == AttemptStatus.FAILED.value,
+    ChargeAttempt.next_verify_at.is_not(None),
+)
 
 
 def _call_of(attempt: ChargeAttempt, ciphertext: bytes | None = None) -> _Call:
@@ -514,6 +528,10 @@ def _judge(rt: Runtime, call: _Call, payment: Payment) -> Outcome:
     if reads_as_auth(payment.description or ""):
         # Failed for the merchant's key or account, not the card: no money, nobody dunned.
         return call.outcome(AttemptStatus.FAILED, classification="auth_error", **common)
+    if call.checkout:
+        # The customer's own card failed on the hosted page: their business, not a dead token
+        # of ours, and not a sign of a broken gateway.
+        return call.outcome(AttemptStatus.DECLINED, classification="checkout_declined", **common)
     kind = payment.decline_kind or DeclineKind.SOFT
     return call.outcome(
         AttemptStatus.DECLINED,
@@ -862,6 +880,7 @@ def _record(
             invoice = invoices[call.invoice_id]
             outcome = _still_never_charged(attempt, outcome, wall, rt.unknown_grace)
             if not _may_record(attempt, outcome):
+                _watch_closed_checkout(attempt, now)
                 report.note(invoice.id, "already_settled")
                 continue
             _write_attempt(attempt, outcome, now)
@@ -895,28 +914,62 @@ def adopt_card(
     now: datetime,
 ) -> None:
     """A paid checkout saved a card: store it (encrypted, byte for byte) and charge it from now
-    on. The same token seen again (the success page called twice) is the card already stored."""
+    on. The same token seen again (the success page called twice) is the card already stored.
+    A token that cannot be stored never stops the payment from being recorded: an alert says
+    so and the old card stays."""
     from billing.models import Customer
     from billing.services.customers import add_card
+    from billing.services.events import savepoint
 
     sub = session.get(Subscription, invoice.subscription_id)
     customer = session.get(Customer, sub.customer_id) if sub is not None else None
     if sub is None or customer is None:
         return
-    stored = session.execute(
-        select(CardToken).where(CardToken.fingerprint.in_(rt.vault.fingerprints(token)))
-    ).scalar_one_or_none()
-    card = stored or add_card(session, rt.vault, customer=customer, token=token, now=now)
-    if card.customer_id != customer.id:
-        log.error("checkout %s returned another customer's card: not adopted", attempt.order_id)
-        return
-    attempt.card_token_id = card.id
-    if sub.card_token_id != card.id:
-        sub.card_token_id = card.id
-        sub.updated_at = now
+    if sub.status == SubscriptionStatus.CANCELED.value:
         record_event(
-            session, "card.replaced", subscription=sub, now=now, payload={"card_id": card.id}
+            session,
+            "alert.paid_after_cancel",
+            invoice=invoice,
+            now=now,
+            payload={"attempt_id": attempt.id, "order_id": attempt.order_id},
         )
+        return
+    try:
+        with savepoint(session):
+            stored = session.execute(
+                select(CardToken).where(CardToken.fingerprint.in_(rt.vault.fingerprints(token)))
+            ).scalar_one_or_none()
+            card = stored or add_card(session, rt.vault, customer=customer, token=token, now=now)
+            if card.customer_id != customer.id or card.status != CardStatus.ACTIVE.value:
+                raise ValueError("the card is another customer's, or not active")
+            attempt.card_token_id = card.id
+            if sub.card_token_id != card.id:
+                sub.card_token_id = card.id
+                sub.updated_at = now
+                record_event(
+                    session,
+                    "card.replaced",
+                    subscription=sub,
+                    now=now,
+                    payload={"card_id": card.id},
+                )
+    except Exception as exc:
+        log.error("checkout %s: its card was not adopted (%s)", attempt.order_id, type(exc))
+        record_event(
+            session,
+            "alert.card_not_adopted",
+            invoice=invoice,
+            now=now,
+            payload={"attempt_id": attempt.id, "reason": type(exc).__name__},
+        )
+
+
+def _watch_closed_checkout(attempt: ChargeAttempt, now: datetime) -> None:
+    """A closed hosted page still unpaid: look again tomorrow, until CHECKOUT_WATCH is over."""
+    if attempt.kind == AttemptKind.CHECKOUT.value and attempt.next_verify_at is not None:
+        watched_since = attempt.settled_at or now
+        done = now - watched_since >= CHECKOUT_WATCH
+        attempt.next_verify_at = None if done else now + timedelta(days=1)
 
 
 def _may_record(attempt: ChargeAttempt, outcome: Outcome) -> bool:
@@ -962,6 +1015,9 @@ def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> N
             # Verify again as soon as a 'not found' can count, not a backoff step later.
             delay = min(delay, max(outcome.final_in, timedelta(0)) + timedelta(seconds=1))
         attempt.next_verify_at = now + delay
+    elif attempt.kind == AttemptKind.CHECKOUT.value and outcome.status is AttemptStatus.FAILED:
+        attempt.next_verify_at = now + timedelta(days=1)  # watched: see CHECKOUT_WATCH
+        attempt.settled_at = now
     else:
         attempt.next_verify_at = None
         attempt.settled_at = now

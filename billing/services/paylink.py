@@ -67,7 +67,7 @@ def link_for(vault: TokenVault, invoice_id: int) -> str:
 def invoice_of_reference(vault: TokenVault, ref: str) -> int | None:
     """The invoice a reference names, or None for a forged or damaged one."""
     number, _, signature = ref.partition("-")
-    if not number.isdigit() or len(number) > 18:
+    if not (number.isascii() and number.isdigit()) or len(number) > 18:
         return None
     invoice_id = int(number)
     if not any(hmac.compare_digest(signature, good) for good in _signature(vault, invoice_id)):
@@ -205,7 +205,7 @@ def settle_return(rt: Runtime, ref: str, query: str) -> Page:
                 and latest.card_token_id is None
                 and redirect is not None
                 and redirect.card_token
-                and redirect.order_id in (None, latest.order_id)
+                and redirect.order_id == latest.order_id
             ):
                 # Verify confirmed this payment but did not report its card: the redirect's
                 # token is the only one there is (a forged one would only fail when charged).

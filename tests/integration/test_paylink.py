@@ -188,3 +188,100 @@ def test_the_dunning_email_carries_the_link_that_recovers_the_invoice(
     web.get(_path(sandbox.pay(payment_id, "4111111111111111")))
     assert invoice_of(rt, declined).status == InvoiceStatus.PAID.value
     reset_settings_cache()
+
+
+def _open(web: TestClient, rt: Runtime, invoice_id: int) -> str:
+    opened = web.get(f"/pay/{paylink.reference(rt.vault, invoice_id)}", follow_redirects=False)
+    assert opened.status_code == 303
+    return parse_qs(urlsplit(opened.headers["location"]).query)["paymentID"][0]
+
+
+def test_a_page_paid_after_it_closed_is_recorded(
+    rt: Runtime, sandbox: Sandbox, web: TestClient, declined: int
+) -> None:
+    """No charge unrecorded: a hosted page closes unpaid after the grace, but the customer pays
+    the old tab later; the janitor, which keeps watching it, records the payment."""
+    payment_id = _open(web, rt, declined)
+    age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
+    run_janitor(rt, everything=True)
+    assert attempts_of(rt, declined)[-1].status == "failed"  # closed: the ladder goes on
+    sandbox.pay(payment_id, "4111111111111111")  # the old tab, paid late
+    run_janitor(rt, everything=True)
+    assert invoice_of(rt, declined).status == InvoiceStatus.PAID.value
+    assert len(successful_charges(rt, sandbox, declined)) == 1
+
+
+def test_a_page_paid_late_after_the_card_was_charged_raises_a_duplicate(
+    rt: Runtime, sandbox: Sandbox, web: TestClient, clock: FixedClock
+) -> None:
+    """Two payments are never silent: the worker charged the card after the page closed, then
+    the customer paid the old tab; the second payment is recorded and raised as a duplicate."""
+    seed_plans(rt)
+    subscriber(rt, sandbox, ["success"])
+    (invoice_id,) = renew(rt)
+    with rt.sessions() as session, session.begin():
+        from billing.models import Invoice
+
+        invoice = session.get(Invoice, invoice_id)
+        assert invoice is not None
+        invoice.next_attempt_at = clock.now() + rt.unknown_grace  # not charged before
+    payment_id = _open(web, rt, invoice_id)
+    age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
+    run_janitor(rt, everything=True)
+    clock.advance(rt.unknown_grace)
+    assert collect_invoices(rt, [invoice_id]).results[invoice_id] == "paid"  # the stored card
+    sandbox.pay(payment_id, "4111111111111111")
+    run_janitor(rt, everything=True)
+    assert _events(rt, "alert.duplicate_payment") == 1
+    with rt.sessions() as session:
+        from billing.models import ChargeAttempt
+
+        succeeded = session.execute(
+            select(ChargeAttempt.order_id).where(ChargeAttempt.status == "succeeded")
+        ).all()
+    assert len(succeeded) == 2 == len(successful_charges(rt, sandbox, invoice_id))
+
+
+def test_declines_on_the_hosted_page_feed_no_breaker(
+    rt: Runtime, sandbox: Sandbox, web: TestClient, declined: int
+) -> None:
+    """One customer's typos on the hosted page are theirs: they pause nobody's collection and
+    mark no card dead."""
+    from billing.services import control
+
+    for _ in range(6):
+        payment_id = _open(web, rt, declined)
+        sandbox.pay(payment_id, "4111111111111111", cvv="999")  # declined on the page
+        web.get(f"/return/{paylink.reference(rt.vault, declined)}")
+    with rt.sessions() as session:
+        assert control.collection_paused(session) is None
+        dead = session.execute(select(CardToken.id).where(CardToken.status == "dead")).all()
+    assert dead == []
+
+
+def test_a_card_that_cannot_be_stored_does_not_stop_the_payment_being_recorded(
+    rt: Runtime, sandbox: Sandbox, web: TestClient, declined: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No charge unrecorded: an odd card token in verify's answer is alerted and left out; the
+    invoice is paid all the same and the old card stays."""
+    from billing.fatora.client import FatoraClient
+
+    real = FatoraClient.verify
+
+    def odd_token(self: FatoraClient, order_id: str, transaction_id: str | None = None):  # type: ignore[no-untyped-def]
+        from dataclasses import replace
+
+        payment = real(self, order_id, transaction_id)
+        return replace(payment, card_token="has a space") if payment.card_token else payment
+
+    monkeypatch.setattr(FatoraClient, "verify", odd_token)
+    back = _pay(web, sandbox, rt, declined)
+    assert web.get(_path(back)).status_code == 200
+    assert invoice_of(rt, declined).status == InvoiceStatus.PAID.value
+    assert _events(rt, "alert.card_not_adopted") == 1
+
+
+def test_a_reference_with_other_digits_is_refused_politely(web: TestClient) -> None:
+    """A damaged link gets a page, never a server error."""
+    assert web.get("/pay/²-x").status_code == 400
+    assert web.get("/return/١٢-x").status_code == 400

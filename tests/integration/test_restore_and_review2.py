@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,7 @@ from billing.migrate import upgrade
 from billing.models import CardToken, ChargeAttempt, Customer, Event, Invoice
 from billing.plans import PlansConfig
 from billing.runtime import Runtime
-from billing.services import control, restore
+from billing.services import charging, control, restore
 from billing.services.charging import BREAKER_MIN_HARD, collect_invoices
 from billing.services.quarantine import ALERT as ROW_QUARANTINED
 from billing.services.restore import RestoreIncomplete, reconcile_after_restore
@@ -675,10 +675,10 @@ def test_an_overlong_auth_code_does_not_block_the_janitor(
 def test_a_janitor_chunk_that_cannot_be_recorded_blocks_neither_the_others_nor_the_alert(
     clean_db: Engine, clock: FixedClock, vault: TokenVault, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """INVARIANT nothing stuck silently (review Q1, the janitor). An answer that still cannot be
-    written (a NUL in the auth code: PostgreSQL refuses it) fails its chunk only: the janitor
-    settles the other chunks, raises JanitorIncomplete at the end, and once the attempt is stale
-    raises alert.attempt_unresolved for it."""
+    """INVARIANT nothing stuck silently (review Q1, the janitor). An answer that cannot be
+    written (here a fault injected into the record of one invoice) fails its chunk only: the
+    janitor settles the other chunks, raises JanitorIncomplete at the end, and once the attempt
+    is stale raises alert.attempt_unresolved for it."""
     from schedules.sweeps import JanitorIncomplete
 
     sandbox = Sandbox(now=lambda: START, land_delay_s=0.2)
@@ -689,8 +689,16 @@ def test_a_janitor_chunk_that_cannot_be_recorded_blocks_neither_the_others_nor_t
     for i in range(2):
         subscriber(rt, sandbox, ["edge_504_lands_later"], name=f"late{i}")
     poison, *others = sorted(renew(rt))
-    _verify_rewrites(monkeypatch, rt, f"S{poison_sub}-", auth_code="A\x00B")
+    del poison_sub
     collect_invoices(rt, [poison, *others])
+    real_write = charging._write_attempt
+
+    def poisoned(attempt: ChargeAttempt, outcome: charging.Outcome, now: datetime) -> None:
+        if attempt.invoice_id == poison:
+            raise ValueError("this answer cannot be written")
+        real_write(attempt, outcome, now)
+
+    monkeypatch.setattr(charging, "_write_attempt", poisoned)
     time.sleep(0.4)
 
     clock.advance(timedelta(days=4))
