@@ -479,13 +479,13 @@ def subs_list(
 def invoices_link(invoice_id: int, as_json: JsonOpt = False) -> None:
     """The customer's pay-and-update link for an open invoice (served by `billing web`)."""
     from billing.crypto import vault_from_settings
-    from billing.services.paylink import link_for
+    from billing.services.paylink import PAYABLE, link_for
 
     with unit_of_work() as (session, _now):
         invoice = session.get(Invoice, invoice_id)
         if invoice is None:
             raise fail(f"no invoice {invoice_id}")
-        if invoice.status != InvoiceStatus.OPEN.value:
+        if invoice.status not in PAYABLE:
             raise fail(f"invoice {invoice_id} is {invoice.status}: there is nothing to pay")
     link = link_for(vault_from_settings(), invoice_id)
     emit({"invoice_id": invoice_id, "link": link}, as_json, link)

@@ -673,7 +673,9 @@ def _facts(event: Event, loaded: _Loaded, customer: Customer, channels: Channels
 def _pay_link(invoice: Invoice | None) -> dict[str, str]:
     """The pay-and-update link for an invoice still open when the message goes out (made at
     delivery: a link is only a signed invoice reference, the hosted page is made on a click)."""
-    if invoice is None or invoice.status != "open":
+    from billing.services.paylink import PAYABLE
+
+    if invoice is None or invoice.status not in PAYABLE:
         return {}
     from billing.crypto import vault_from_settings
     from billing.services.paylink import link_for

@@ -39,6 +39,11 @@ from billing.services import control
 log = logging.getLogger("billing.paylink")
 
 
+# An invoice the link can still be paid for: open, or written off at the end of the dunning
+# ladder (paying it brings an unpaid subscription back).
+PAYABLE = frozenset({InvoiceStatus.OPEN.value, InvoiceStatus.UNCOLLECTIBLE.value})
+
+
 @dataclass(frozen=True)
 class Page:
     """What the customer is shown (``word``) or where they are sent (``url``)."""
@@ -92,7 +97,7 @@ def open_checkout(rt: Runtime, ref: str) -> Page:
         language = customer.language
         if invoice.status == InvoiceStatus.PAID.value:
             return Page("paid", language)
-        if invoice.status != InvoiceStatus.OPEN.value:
+        if invoice.status not in PAYABLE:
             return Page("closed", language)
         open_attempt = session.execute(
             select(ChargeAttempt).where(
@@ -213,7 +218,7 @@ def settle_return(rt: Runtime, ref: str, query: str) -> Page:
 
                 adopt_card(rt, session, invoice, latest, redirect.card_token, rt.clock.now())
             return Page("paid", language)
-        if invoice.status != InvoiceStatus.OPEN.value:
+        if invoice.status not in PAYABLE:
             return Page("closed", language)
         if latest is not None and latest.status in {s.value for s in UNRESOLVED}:
             return Page("pending", language)

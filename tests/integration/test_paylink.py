@@ -285,3 +285,34 @@ def test_a_reference_with_other_digits_is_refused_politely(web: TestClient) -> N
     """A damaged link gets a page, never a server error."""
     assert web.get("/pay/²-x").status_code == 400
     assert web.get("/return/١٢-x").status_code == 400
+
+
+def test_an_unpaid_subscription_comes_back_through_the_link(
+    rt: Runtime, sandbox: Sandbox, web: TestClient, clock: FixedClock
+) -> None:
+    """A way back: when the ladder ends with 'unpaid', the written-off invoice can still be paid
+    through the link, which makes the subscription active again and bills on from its period."""
+    from billing.models import DunningPolicyRow
+
+    seed_plans(rt)
+    with rt.sessions() as session, session.begin():
+        policy = session.get(DunningPolicyRow, "standard")
+        assert policy is not None
+        policy.retry_after_days, policy.final_action = [1], "unpaid"
+    subscriber(rt, sandbox, ["insufficient_funds"])
+    (invoice_id,) = renew(rt)
+    for _ in range(3):
+        collect_invoices(rt, [invoice_id])
+        step = invoice_of(rt, invoice_id).next_attempt_at
+        if step is None:
+            break
+        clock.advance(step - clock.now())
+    invoice = invoice_of(rt, invoice_id)
+    assert invoice.status == InvoiceStatus.UNCOLLECTIBLE.value
+    assert subscription_of(rt, invoice.subscription_id).status == SubscriptionStatus.UNPAID.value
+    web.get(_path(_pay(web, sandbox, rt, invoice_id)))
+    invoice = invoice_of(rt, invoice_id)
+    assert invoice.status == InvoiceStatus.PAID.value
+    sub = subscription_of(rt, invoice.subscription_id)
+    assert sub.status == SubscriptionStatus.ACTIVE.value
+    assert sub.next_billing_at == invoice.period_end
