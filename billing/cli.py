@@ -814,6 +814,13 @@ def sandbox(
     api_key: Annotated[str | None, typer.Option("--api-key")] = None,
     decline_style: Annotated[str, typer.Option("--decline-style")] = "http200",
     hang_s: Annotated[float, typer.Option("--hang-s", help="How long a hung call hangs.")] = 120.0,
+    land_delay_s: Annotated[
+        float,
+        typer.Option("--land-delay-s", min=0, help="When a held or 504'd charge lands."),
+    ] = 1.0,
+    verify_lag_s: Annotated[
+        float, typer.Option("--verify-lag-s", min=0, help="How long verify lags a charge.")
+    ] = 1.0,
 ) -> None:
     """Serve the Fatora sandbox under /v1 (FATORA_BASE_URL=http://HOST:PORT/v1)."""
     from billing.fatora.sandbox.server import run_server
@@ -825,6 +832,8 @@ def sandbox(
         latency_ms=latency_ms,
         decline_style=_decline_style(decline_style),
         hang_s=hang_s,
+        land_delay_s=land_delay_s,
+        verify_lag_s=verify_lag_s,
     )
 
 

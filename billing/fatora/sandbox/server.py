@@ -24,11 +24,19 @@ def run_server(
     decline_style: DeclineStyle = "http200",
     mode: str = "test",
     hang_s: float = 120.0,
+    land_delay_s: float = 1.0,
+    verify_lag_s: float = 1.0,
 ) -> None:
     """Serve a fresh sandbox until interrupted. The key: ``api_key``, else $FATORA_API_KEY,
     else Fatora's public sample key."""
     key = api_key or os.environ.get("FATORA_API_KEY") or FATORA_SAMPLE_API_KEY
-    sandbox = Sandbox(api_key=key, decline_style=decline_style, mode=mode)
+    sandbox = Sandbox(
+        api_key=key,
+        decline_style=decline_style,
+        mode=mode,
+        land_delay_s=land_delay_s,
+        verify_lag_s=verify_lag_s,
+    )
     app = create_app(sandbox, latency_ms=latency_ms, hang_s=hang_s)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
