@@ -475,6 +475,26 @@ def subs_list(
         table(rows, ["id", "customer", "plan", "status", "current_period_end", "next_billing_at"])
 
 
+@invoices_app.command("retry")
+def invoices_retry(invoice_id: int, as_json: JsonOpt = False) -> None:
+    """Charge an open invoice at the next pass (refused while a charge's outcome is unknown)."""
+    from billing.services.invoices import retry_now
+
+    with unit_of_work() as (session, now):
+        record = serialize.invoice(retry_now(session, invoice_id, now))
+    emit(record, as_json, f"invoice {invoice_id}: charged at the next pass")
+
+
+@invoices_app.command("void")
+def invoices_void(invoice_id: int, as_json: JsonOpt = False) -> None:
+    """Write an invoice off: it is never charged again (refused while a charge is unknown)."""
+    from billing.services.invoices import void
+
+    with unit_of_work() as (session, now):
+        record = serialize.invoice(void(session, invoice_id, now))
+    emit(record, as_json, f"invoice {invoice_id}: void")
+
+
 @invoices_app.command("link")
 def invoices_link(invoice_id: int, as_json: JsonOpt = False) -> None:
     """The customer's pay-and-update link for an open invoice (served by `billing web`)."""

@@ -1,0 +1,62 @@
+"""What an operator may do to one invoice: charge it again now, or void it.
+
+Both lock the subscription, then the invoice (the order every writer uses), and refuse while an
+attempt's outcome is unknown: a charge that may have landed is settled by verify first, never
+hidden by a void nor doubled by a retry.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing.attempts import UNRESOLVED
+from billing.lifecycle import InvoiceStatus
+from billing.models import ChargeAttempt, Invoice, Subscription
+from billing.services.errors import BillingError, NotFound
+from billing.services.events import record_event
+
+
+def _locked(session: Session, invoice_id: int) -> Invoice:
+    invoice = session.get(Invoice, invoice_id)
+    if invoice is None:
+        raise NotFound(f"no invoice {invoice_id}")
+    session.get(Subscription, invoice.subscription_id, with_for_update=True)
+    session.refresh(invoice, with_for_update=True)
+    unresolved = session.execute(
+        select(ChargeAttempt.order_id).where(
+            ChargeAttempt.invoice_id == invoice.id,
+            ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+        )
+    ).first()
+    if unresolved is not None:
+        raise BillingError(
+            f"invoice {invoice_id}: the outcome of charge {unresolved[0]} is not known yet; "
+            "run `billing reconcile` (it is settled by verify first)"
+        )
+    return invoice
+
+
+def retry_now(session: Session, invoice_id: int, now: datetime) -> Invoice:
+    """Charge an open invoice at the next pass instead of at its scheduled time."""
+    invoice = _locked(session, invoice_id)
+    if invoice.status != InvoiceStatus.OPEN.value:
+        raise BillingError(f"invoice {invoice_id} is {invoice.status}: there is nothing to charge")
+    invoice.next_attempt_at = now
+    invoice.updated_at = now
+    record_event(session, "invoice.retry_requested", invoice=invoice, now=now, payload={})
+    return invoice
+
+
+def void(session: Session, invoice_id: int, now: datetime) -> Invoice:
+    """Write an open or uncollectible invoice off: it is never charged again."""
+    invoice = _locked(session, invoice_id)
+    if invoice.status not in (InvoiceStatus.OPEN.value, InvoiceStatus.UNCOLLECTIBLE.value):
+        raise BillingError(f"invoice {invoice_id} is {invoice.status}: it cannot be voided")
+    invoice.status = InvoiceStatus.VOID.value
+    invoice.next_attempt_at = None
+    invoice.updated_at = now
+    record_event(session, "invoice.voided", invoice=invoice, now=now, payload={"by": "operator"})
+    return invoice
