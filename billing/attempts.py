@@ -32,6 +32,8 @@ class AttemptKind(StrEnum):
 
 
 UNRESOLVED = frozenset({AttemptStatus.IN_FLIGHT, AttemptStatus.UNKNOWN, AttemptStatus.PENDING})
+# The same as stored: for SQL (``status.in_``) and for rows read back.
+UNRESOLVED_VALUES: tuple[str, ...] = tuple(sorted(status.value for status in UNRESOLVED))
 
 
 class CallEnding(StrEnum):

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from billing.attempts import UNRESOLVED, AttemptKind, AttemptStatus, CallEnding
+from billing.attempts import UNRESOLVED_VALUES, AttemptKind, AttemptStatus, CallEnding
 from billing.db import UTCDateTime
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 from billing.notify import DeliveryStatus
@@ -251,7 +251,7 @@ class Invoice(Base):
     )
 
 
-_UNRESOLVED_SQL = "status IN (" + ", ".join(f"'{s.value}'" for s in sorted(UNRESOLVED)) + ")"
+_UNRESOLVED_SQL = "status IN (" + ", ".join(f"'{v}'" for v in UNRESOLVED_VALUES) + ")"
 
 
 class ChargeAttempt(Base):

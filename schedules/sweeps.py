@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
 
-from billing.attempts import UNRESOLVED
+from billing.attempts import UNRESOLVED_VALUES
 from billing.lifecycle import InvoiceStatus
 from billing.models import ChargeAttempt, Event, Invoice
 from billing.runtime import Runtime
@@ -73,7 +73,7 @@ def run_janitor(
     with rt.sessions() as session:
         query = select(ChargeAttempt.invoice_id).where(
             or_(
-                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                ChargeAttempt.status.in_(UNRESOLVED_VALUES),
                 CLOSED_CHECKOUT_WATCHED,  # a closed hosted page may still be paid late
             )
         )
@@ -109,7 +109,7 @@ def _alert_stale(rt: Runtime, now: datetime, report: JanitorReport) -> None:
     with rt.sessions() as session, session.begin():
         stale = session.execute(
             select(ChargeAttempt).where(
-                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                ChargeAttempt.status.in_(UNRESOLVED_VALUES),
                 ChargeAttempt.created_at <= now - ALERT_AFTER,
             )
         ).scalars()

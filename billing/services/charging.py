@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from billing.attempts import (
     SEND_WINDOW,
     UNRESOLVED,
+    UNRESOLVED_VALUES,
     AttemptKind,
     AttemptStatus,
     CallEnding,
@@ -383,7 +384,7 @@ def _keep_what_was_accepted(rt: Runtime, results: list[tuple[_Call, Outcome]]) -
         with rt.sessions() as session, session.begin():
             for call, outcome in accepted:
                 attempt = session.get(ChargeAttempt, call.attempt_id, with_for_update=True)
-                if attempt is not None and attempt.status in {s.value for s in UNRESOLVED}:
+                if attempt is not None and attempt.status in UNRESOLVED_VALUES:
                     attempt.call_ending = CallEnding.ACCEPTED.value
                     found = outcome.transaction_id or attempt.transaction_id
                     attempt.transaction_id = gateway_text(found, 120)
@@ -403,7 +404,7 @@ def _unresolved_calls(rt: Runtime, invoice_ids: list[int]) -> list[_Call]:
             select(ChargeAttempt).where(
                 id_in(session, ChargeAttempt.invoice_id, invoice_ids),
                 or_(
-                    ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                    ChargeAttempt.status.in_(UNRESOLVED_VALUES),
                     CLOSED_CHECKOUT_WATCHED,
                 ),
             )
@@ -595,7 +596,7 @@ def _write_ahead(
             session.execute(
                 select(ChargeAttempt.invoice_id).where(
                     id_in(session, ChargeAttempt.invoice_id, invoice_ids),
-                    ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
+                    ChargeAttempt.status.in_(UNRESOLVED_VALUES),
                 )
             ).scalars()
         )
@@ -973,7 +974,7 @@ def _watch_closed_checkout(attempt: ChargeAttempt, now: datetime) -> None:
 
 
 def _may_record(attempt: ChargeAttempt, outcome: Outcome) -> bool:
-    if attempt.status in {s.value for s in UNRESOLVED}:
+    if attempt.status in UNRESOLVED_VALUES:
         return True
     # Written off as 'never charged' or 'declined', yet verify now shows the money: the money
     # is the truth. Anything else about a settled attempt is news from a slower worker.

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing.attempts import UNRESOLVED
+from billing.attempts import UNRESOLVED_VALUES
 from billing.db import id_in
 from billing.dunning import DunningPolicy, FinalAction, dunning_step, final_action_event
 from billing.fatora.types import DeclineKind
@@ -148,6 +148,16 @@ def _move(session: Session, sub: Subscription, event: SubscriptionEvent, now: da
     return True
 
 
+def unresolved_attempt(session: Session, invoice_id: int) -> ChargeAttempt | None:
+    """The invoice's attempt whose outcome is not known yet (the fence allows one at most)."""
+    return session.execute(
+        select(ChargeAttempt).where(
+            ChargeAttempt.invoice_id == invoice_id,
+            ChargeAttempt.status.in_(UNRESOLVED_VALUES),
+        )
+    ).scalar_one_or_none()
+
+
 def void_open_invoices(session: Session, sub: Subscription, now: datetime) -> None:
     """A canceled subscription is not charged any more: its open invoices are voided (locked,
     in id order, after the subscription, like every path that writes them).
@@ -162,13 +172,7 @@ def void_open_invoices(session: Session, sub: Subscription, now: datetime) -> No
         .with_for_update()
     ).scalars()
     for invoice in invoices:
-        unresolved = session.execute(
-            select(ChargeAttempt.id).where(
-                ChargeAttempt.invoice_id == invoice.id,
-                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
-            )
-        ).first()
-        if unresolved is not None:
+        if unresolved_attempt(session, invoice.id) is not None:
             continue
         invoice.status = InvoiceStatus.VOID.value
         invoice.next_attempt_at = None

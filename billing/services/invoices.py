@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing.attempts import UNRESOLVED
 from billing.lifecycle import InvoiceStatus
-from billing.models import ChargeAttempt, Invoice, Subscription
+from billing.models import Invoice, Subscription
+from billing.services.dunning_flow import unresolved_attempt
 from billing.services.errors import BillingError, NotFound
 from billing.services.events import record_event
 
@@ -25,15 +24,10 @@ def _locked(session: Session, invoice_id: int) -> Invoice:
         raise NotFound(f"no invoice {invoice_id}")
     session.get(Subscription, invoice.subscription_id, with_for_update=True)
     session.refresh(invoice, with_for_update=True)
-    unresolved = session.execute(
-        select(ChargeAttempt.order_id).where(
-            ChargeAttempt.invoice_id == invoice.id,
-            ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
-        )
-    ).first()
+    unresolved = unresolved_attempt(session, invoice.id)
     if unresolved is not None:
         raise BillingError(
-            f"invoice {invoice_id}: the outcome of charge {unresolved[0]} is not known yet; "
+            f"invoice {invoice_id}: the outcome of charge {unresolved.order_id} is not known yet; "
             "run `billing reconcile` (it is settled by verify first)"
         )
     return invoice

@@ -25,7 +25,13 @@ from datetime import UTC, datetime
 
 from sqlalchemy import select
 
-from billing.attempts import UNRESOLVED, AttemptKind, AttemptStatus, CallEnding, next_verify_delay
+from billing.attempts import (
+    UNRESOLVED_VALUES,
+    AttemptKind,
+    AttemptStatus,
+    CallEnding,
+    next_verify_delay,
+)
 from billing.config import get_settings
 from billing.crypto import TokenVault
 from billing.fatora.errors import FatoraError
@@ -35,6 +41,7 @@ from billing.models import ChargeAttempt, Customer, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
 from billing.services import control
+from billing.services.dunning_flow import unresolved_attempt
 
 log = logging.getLogger("billing.paylink")
 
@@ -99,12 +106,7 @@ def open_checkout(rt: Runtime, ref: str) -> Page:
             return Page("paid", language)
         if invoice.status not in PAYABLE:
             return Page("closed", language)
-        open_attempt = session.execute(
-            select(ChargeAttempt).where(
-                ChargeAttempt.invoice_id == invoice.id,
-                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
-            )
-        ).scalar_one_or_none()
+        open_attempt = unresolved_attempt(session, invoice.id)
         if open_attempt is not None:
             if open_attempt.kind == AttemptKind.CHECKOUT.value and open_attempt.checkout_url:
                 return Page("redirect", language, url=open_attempt.checkout_url)
@@ -166,7 +168,7 @@ def open_checkout(rt: Runtime, ref: str) -> Page:
 def _close(rt: Runtime, attempt_id: int, why: str) -> None:
     with rt.sessions() as session, session.begin():
         row = session.get(ChargeAttempt, attempt_id, with_for_update=True)
-        if row is not None and row.status in {s.value for s in UNRESOLVED}:
+        if row is not None and row.status in UNRESOLVED_VALUES:
             now = rt.clock.now()
             row.status = AttemptStatus.FAILED.value
             row.description = why[:500]
@@ -220,6 +222,6 @@ def settle_return(rt: Runtime, ref: str, query: str) -> Page:
             return Page("paid", language)
         if invoice.status not in PAYABLE:
             return Page("closed", language)
-        if latest is not None and latest.status in {s.value for s in UNRESOLVED}:
+        if latest is not None and latest.status in UNRESOLVED_VALUES:
             return Page("pending", language)
     return Page("failed", language, link=link_for(rt.vault, invoice_id))

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from billing.attempts import (
     UNRESOLVED,
+    UNRESOLVED_VALUES,
     AttemptStatus,
     CallEnding,
     Expected,
@@ -163,7 +164,7 @@ def _schedule_the_rest(rt: Runtime) -> None:
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
         unresolved = select(ChargeAttempt.invoice_id).where(
-            ChargeAttempt.status.in_([s.value for s in UNRESOLVED])
+            ChargeAttempt.status.in_(UNRESOLVED_VALUES)
         )
         stranded = session.execute(
             select(Invoice)
@@ -296,7 +297,7 @@ def _record_payment(
         quarantine.set_aside(session, invoice, f"payment {order_id} found, no card on record", now)
         return "set_aside"
     status, word = _status_of(rt, invoice, order_id, payment)
-    if status in UNRESOLVED and _has_unresolved(session, invoice.id):
+    if status in UNRESOLVED and dunning_flow.unresolved_attempt(session, invoice.id) is not None:
         reason = f"payment {order_id} pending beside another unresolved attempt"
         quarantine.set_aside(session, invoice, reason, now)
         return "set_aside"
@@ -369,15 +370,3 @@ def _status_of(
     if payment.status is PaymentStatus.PENDING:
         return AttemptStatus.PENDING, "pending"
     return AttemptStatus.DECLINED, "declined"
-
-
-def _has_unresolved(session: Session, invoice_id: int) -> bool:
-    return (
-        session.execute(
-            select(ChargeAttempt.id).where(
-                ChargeAttempt.invoice_id == invoice_id,
-                ChargeAttempt.status.in_([s.value for s in UNRESOLVED]),
-            )
-        ).first()
-        is not None
-    )
