@@ -1,0 +1,5 @@
+"""``python -m billing.cli``."""
+
+from billing.cli import main
+
+main()

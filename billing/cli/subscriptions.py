@@ -1,0 +1,235 @@
+"""Subscriptions and invoices: ``billing subscriptions ...`` and ``billing invoices ...``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing import serialize
+from billing.cli.base import (
+    JsonOpt,
+    emit,
+    fail,
+    invoices_app,
+    out,
+    subs_app,
+    table,
+    unit_of_work,
+)
+from billing.clock import parse_instant
+from billing.lifecycle import InvoiceStatus, SubscriptionStatus
+from billing.models import ChargeAttempt, Invoice, Subscription
+
+# -- subscriptions ---------------------------------------------------------------------------
+
+
+@subs_app.command("create")
+def subs_create(
+    customer: Annotated[str, typer.Option("--customer", help="The customer's external id.")],
+    plan: Annotated[str, typer.Option("--plan")],
+    card: Annotated[int | None, typer.Option("--card")] = None,
+    start: Annotated[str | None, typer.Option("--start")] = None,
+    trial_days: Annotated[int | None, typer.Option("--trial-days")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Subscribe a customer to a plan; prints the subscription id."""
+    from billing.services import subscriptions as subs
+    from billing.services.customers import card_of, customer_by_external_id
+
+    with unit_of_work() as (session, now):
+        sub = subs.create_subscription(
+            session,
+            customer=customer_by_external_id(session, customer),
+            plan=subs.plan_by_code(session, plan),
+            card=card_of(session, card) if card is not None else None,
+            start=parse_instant(start) if start else None,
+            trial_days=trial_days,
+            now=now,
+        )
+        record = serialize.subscription(session, sub)
+    emit(record, as_json, str(record["id"]))
+
+
+def _change(
+    sub_id: int, action: Callable[[Session, Subscription, datetime], None], as_json: bool
+) -> None:
+    from billing.services.subscriptions import get_subscription
+
+    with unit_of_work() as (session, now):
+        sub = get_subscription(session, sub_id)
+        action(session, sub, now)
+        record = serialize.subscription(session, sub)
+    emit(
+        record,
+        as_json,
+        f"subscription {sub_id}: {record['status']}"
+        + (" (cancels at period end)" if record["cancel_at_period_end"] else ""),
+    )
+
+
+@subs_app.command("cancel")
+def subs_cancel(
+    sub_id: int,
+    at_period_end: Annotated[bool, typer.Option("--at-period-end")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel now, or at the end of the current period."""
+    from billing.services.subscriptions import cancel
+
+    _change(sub_id, lambda s, sub, now: cancel(s, sub, now, at_period_end=at_period_end), as_json)
+
+
+@subs_app.command("pause")
+def subs_pause(sub_id: int, as_json: JsonOpt = False) -> None:
+    """Stop billing until resumed."""
+    from billing.services.subscriptions import pause
+
+    _change(sub_id, pause, as_json)
+
+
+@subs_app.command("resume")
+def subs_resume(sub_id: int, as_json: JsonOpt = False) -> None:
+    """Resume billing: within a paid period the next charge stays at its end; later, a new
+    period starts now."""
+    from billing.services.subscriptions import resume
+
+    _change(sub_id, resume, as_json)
+
+
+@subs_app.command("show")
+def subs_show(sub_id: int, as_json: JsonOpt = False) -> None:
+    """A subscription with its invoices and their charge attempts."""
+    from billing.services.subscriptions import get_subscription
+
+    with unit_of_work() as (session, _now):
+        sub = get_subscription(session, sub_id)
+        record = serialize.subscription(session, sub)
+        invoices = session.execute(
+            select(Invoice).where(Invoice.subscription_id == sub.id).order_by(Invoice.period_start)
+        ).scalars()
+        record["invoices"] = []
+        for invoice in invoices:
+            item = serialize.invoice(invoice)
+            attempts = session.execute(
+                select(ChargeAttempt)
+                .where(ChargeAttempt.invoice_id == invoice.id)
+                .order_by(ChargeAttempt.id)
+            ).scalars()
+            item["attempts"] = [serialize.attempt(a) for a in attempts]
+            record["invoices"].append(item)
+    if as_json:
+        emit(record, True, "")
+        return
+    out.print(
+        f"subscription {record['id']}  {record['status']}  plan {record['plan']}  "
+        f"customer {record['customer']}  next billing {record['next_billing_at']}",
+        highlight=False,
+    )
+    for item in record["invoices"]:
+        out.print(
+            f"  invoice {item['id']}  {item['period_start']} .. {item['period_end']}  "
+            f"{item['amount']} {item['currency']}  {item['status']}",
+            highlight=False,
+        )
+        for a in item["attempts"]:
+            out.print(
+                f"    attempt {a['id']}  order {a['order_id']}  {a['status']}  "
+                f"{a['classification'] or ''} {a['description'] or ''}",
+                highlight=False,
+            )
+
+
+@subs_app.command("list")
+def subs_list(
+    status: Annotated[str | None, typer.Option("--status")] = None, as_json: JsonOpt = False
+) -> None:
+    """Subscriptions, optionally of one status."""
+    query = select(Subscription).order_by(Subscription.id)
+    if status is not None:
+        try:
+            query = query.where(Subscription.status == SubscriptionStatus(status).value)
+        except ValueError:
+            words = ", ".join(s.value for s in SubscriptionStatus)
+            raise fail(f"--status must be one of {words}") from None
+    with unit_of_work() as (session, _now):
+        rows = [serialize.subscription(session, s) for s in session.execute(query).scalars()]
+    if as_json:
+        emit(rows, True, "")
+    else:
+        table(rows, ["id", "customer", "plan", "status", "current_period_end", "next_billing_at"])
+
+
+@invoices_app.command("retry")
+def invoices_retry(invoice_id: int, as_json: JsonOpt = False) -> None:
+    """Charge an open invoice at the next pass (refused while a charge's outcome is unknown)."""
+    from billing.services.invoices import retry_now
+
+    with unit_of_work() as (session, now):
+        record = serialize.invoice(retry_now(session, invoice_id, now))
+    emit(record, as_json, f"invoice {invoice_id}: charged at the next pass")
+
+
+@invoices_app.command("void")
+def invoices_void(invoice_id: int, as_json: JsonOpt = False) -> None:
+    """Write an invoice off: it is never charged again (refused while a charge is unknown)."""
+    from billing.services.invoices import void
+
+    with unit_of_work() as (session, now):
+        record = serialize.invoice(void(session, invoice_id, now))
+    emit(record, as_json, f"invoice {invoice_id}: void")
+
+
+@invoices_app.command("link")
+def invoices_link(invoice_id: int, as_json: JsonOpt = False) -> None:
+    """The customer's pay-and-update link for an open invoice (served by `billing web`)."""
+    from billing.crypto import vault_from_settings
+    from billing.services.paylink import PAYABLE, link_for
+
+    with unit_of_work() as (session, _now):
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None:
+            raise fail(f"no invoice {invoice_id}")
+        if invoice.status not in PAYABLE:
+            raise fail(f"invoice {invoice_id} is {invoice.status}: there is nothing to pay")
+    link = link_for(vault_from_settings(), invoice_id)
+    emit({"invoice_id": invoice_id, "link": link}, as_json, link)
+
+
+@invoices_app.command("list")
+def invoices_list(
+    subscription: Annotated[int | None, typer.Option("--subscription")] = None,
+    status: Annotated[str | None, typer.Option("--status")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Invoices, optionally of one subscription or status."""
+    query = select(Invoice).order_by(Invoice.id)
+    if subscription is not None:
+        query = query.where(Invoice.subscription_id == subscription)
+    if status is not None:
+        try:
+            query = query.where(Invoice.status == InvoiceStatus(status).value)
+        except ValueError:
+            words = ", ".join(s.value for s in InvoiceStatus)
+            raise fail(f"--status must be one of {words}") from None
+    with unit_of_work() as (session, _now):
+        rows = [serialize.invoice(i) for i in session.execute(query).scalars()]
+    if as_json:
+        emit(rows, True, "")
+    else:
+        table(
+            rows,
+            [
+                "id",
+                "subscription_id",
+                "period_start",
+                "amount",
+                "currency",
+                "status",
+                "next_attempt_at",
+            ],
+        )
