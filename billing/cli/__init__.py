@@ -8,10 +8,10 @@ The commands live in one module per group; importing them registers them on ``ap
 
 from __future__ import annotations
 
-from billing.cli import operations, people, schema, subscriptions
+from billing.cli import operations, people, plans, schema, subscriptions
 from billing.cli.base import app
 
-__all__ = ["app", "main", "operations", "people", "schema", "subscriptions"]
+__all__ = ["app", "main", "operations", "people", "plans", "schema", "subscriptions"]
 
 
 def main() -> None:
