@@ -64,6 +64,9 @@ class BillingSettings(BaseSettings):
     result_backend: str | None = None
     # Base URL of the return endpoint that Fatora redirects payers to after a checkout.
     public_url: str = "http://localhost:8000"
+    # How many days before a renewal that falls after a card token's expiry the customer is
+    # sent the link to pay it now with a new card (billing/services/cards.py).
+    card_expiry_notice_days: int = Field(default=14, ge=1, le=180)
 
     # Notifications (billing/services/notifications.py): a channel whose URL is unset is skipped.
     # smtp://user:pass@host:587 (STARTTLS, required before a password is sent), smtps://host:465

@@ -50,8 +50,9 @@ Cancelling at the end of the period is a flag, not a status: ``cancel_at_period_
 sends ``period_ended_with_cancel`` instead of billing the next period. :func:`apply` handles the
 flag and the status together; :func:`transition` is the status table alone.
 
-A subscription is created ``trialing`` or ``active`` (:func:`initial_status`); creation is not an
-event, so there is no "new" status to keep out of every other table row.
+A subscription is created ``trialing`` or ``active`` (:func:`initial_status`), or ``unpaid`` when
+its first period is paid on the hosted page; creation is not an event, so there is no "new"
+status to keep out of every other table row.
 """
 
 from __future__ import annotations
@@ -166,8 +167,12 @@ SUBSCRIPTION_TRANSITIONS = MappingProxyType(
 )
 
 
-def initial_status(has_trial: bool) -> SubscriptionStatus:
-    """Status of a new subscription: ``trialing`` with a trial, else ``active``."""
+def initial_status(has_trial: bool, *, paid_on_page: bool = False) -> SubscriptionStatus:
+    """Status of a new subscription: ``trialing`` with a trial, else ``active``; ``unpaid``
+    when its first period is to be paid on the hosted page (no card yet): it is not renewed
+    until that invoice is paid, and the payment makes it ``active``, like any unpaid one."""
+    if paid_on_page:
+        return _S.UNPAID
     return _S.TRIALING if has_trial else _S.ACTIVE
 
 

@@ -42,6 +42,8 @@ def customer(c: Customer) -> dict[str, Any]:
         "phone": c.phone,
         "language": c.language,
         "timezone": c.timezone,
+        # A device token identifies a phone: only whether there is one is shown.
+        "push": c.fcm_token is not None,
         "created_at": iso(c.created_at),
     }
 
@@ -51,9 +53,11 @@ def card(c: CardToken) -> dict[str, Any]:
         "id": c.id,
         "customer_id": c.customer_id,
         "status": c.status,
+        "status_reason": c.status_reason,
         "issued_at": iso(c.issued_at),
         "expires_at": iso(c.expires_at),
         "created_at": iso(c.created_at),
+        "deactivated_at": iso(c.deactivated_at),
     }
 
 
@@ -149,6 +153,8 @@ def attempt(a: ChargeAttempt) -> dict[str, Any]:
         "id": a.id,
         "invoice_id": a.invoice_id,
         "order_id": a.order_id,
+        "kind": a.kind,
+        "card_id": a.card_token_id,
         "amount": amount(a.amount_minor, a.currency),
         "currency": a.currency,
         "status": a.status,
@@ -156,6 +162,9 @@ def attempt(a: ChargeAttempt) -> dict[str, Any]:
         "transaction_id": a.transaction_id,
         "auth_code": a.auth_code,
         "description": a.description,
+        "call_ending": a.call_ending,
+        "verify_count": a.verify_count,
+        "next_verify_at": iso(a.next_verify_at),
         "created_at": iso(a.created_at),
         "settled_at": iso(a.settled_at),
     }

@@ -24,6 +24,10 @@ _TEXT: dict[str, dict[str, tuple[str, str]]] = {
         "pending": ("Almost there", "Your payment is being confirmed. You may close this page."),
         "failed": ("Payment not completed", "Your payment did not go through. You can try again."),
         "closed": ("Nothing to pay", "This invoice has nothing left to pay."),
+        "nothing_due": (
+            "Nothing to pay yet",
+            "There is no renewal to pay now. We will write to you before the next one.",
+        ),
         "busy": (
             "Please wait",
             "A payment for this invoice is already being processed. Try again in a few minutes.",
@@ -37,6 +41,10 @@ _TEXT: dict[str, dict[str, tuple[str, str]]] = {
         "pending": ("لحظات", "جارٍ تأكيد دفعتك. يمكنك إغلاق هذه الصفحة."),
         "failed": ("لم تكتمل الدفعة", "لم تتم عملية الدفع. يمكنك المحاولة مرة أخرى."),
         "closed": ("لا يوجد مبلغ مستحق", "لا يوجد مبلغ متبقٍ للدفع على هذه الفاتورة."),
+        "nothing_due": (
+            "لا يوجد مبلغ مستحق الآن",
+            "لا يوجد تجديد مستحق الدفع الآن. سنراسلك قبل التجديد القادم.",
+        ),
         "busy": ("يرجى الانتظار", "هناك دفعة قيد المعالجة لهذه الفاتورة. حاول مجددًا بعد دقائق."),
         "unavailable": ("غير متاح حاليًا", "الدفع غير متاح حاليًا. حاول لاحقًا."),
         "invalid": ("رابط غير صالح", "هذا الرابط غير صالح. يرجى استخدام الرابط الذي وصلك."),
@@ -72,6 +80,9 @@ def create_app(runtime: Callable[[], Runtime] = get_runtime) -> Starlette:
     def pay(request: Request) -> Response:
         return render(paylink.open_checkout(runtime(), request.path_params["ref"]))
 
+    def renew(request: Request) -> Response:
+        return render(paylink.renew_ahead(runtime(), request.path_params["ref"]))
+
     def back(request: Request) -> Response:
         # The raw query string: a card token's "+" must not become a space.
         query = request.scope.get("query_string", b"").decode("latin-1")
@@ -83,6 +94,7 @@ def create_app(runtime: Callable[[], Runtime] = get_runtime) -> Starlette:
     return Starlette(
         routes=[
             Route("/pay/{ref}", pay),
+            Route("/renew/{ref}", renew),
             Route("/return/{ref}", back),
             Route("/health", health),
         ]

@@ -2,7 +2,7 @@
 
 Renewal, due retries and the outbox delivery (queue ``notifications``) every minute; the janitor
 every five minutes (each attempt carries its own next verify time, so a frequent janitor costs
-little); the token expiry sweep hourly.
+little); the token expiry sweep hourly, and the deactivation of tokens nobody needs daily.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "token-expiry-sweep": {
         "task": "billing.token_expiry_sweep",
         "schedule": crontab(minute=7),
+        "options": {"queue": "maintenance"},
+    },
+    "deactivate-unneeded-tokens": {
+        "task": "billing.deactivate_unneeded_tokens",
+        "schedule": crontab(hour=3, minute=17),
         "options": {"queue": "maintenance"},
     },
 }

@@ -88,6 +88,16 @@ def token_expiry_sweep() -> int:
     return sweep_expiring_tokens(get_runtime())
 
 
+@app.task(name="billing.deactivate_unneeded_tokens", ignore_result=True)
+def deactivate_unneeded_tokens() -> dict[str, int]:
+    """Deactivate at Fatora the tokens of customers whose subscriptions have all ended."""
+    from dataclasses import asdict
+
+    from billing.services.cards import deactivate_unneeded_tokens as sweep
+
+    return asdict(sweep(get_runtime()))
+
+
 @app.task(name="billing.deliver_events", ignore_result=True)
 def deliver_events() -> dict[str, int]:
     """Deliver the outbox (queue ``notifications``): no arguments, so no secret or address is

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -53,6 +54,32 @@ def subs_create(
         )
         record = serialize.subscription(session, sub)
     emit(record, as_json, str(record["id"]))
+
+
+@subs_app.command("checkout-link")
+def subs_checkout_link(
+    customer: Annotated[str, typer.Option("--customer", help="The customer's external id.")],
+    plan: Annotated[str, typer.Option("--plan")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a subscription whose first period the customer pays on Fatora's hosted page, which
+    also saves their card; prints the link to send them (served by `billing web`)."""
+    from billing.crypto import vault_from_settings
+    from billing.services import subscriptions as subs
+    from billing.services.customers import customer_by_external_id
+    from billing.services.paylink import link_for
+
+    with unit_of_work() as (session, now):
+        vault = vault_from_settings()  # before anything is written: the link needs the key
+        sub, invoice_id = subs.start_with_checkout(
+            session,
+            customer=customer_by_external_id(session, customer),
+            plan=subs.plan_by_code(session, plan),
+            now=now,
+        )
+        record = {**serialize.subscription(session, sub), "invoice_id": invoice_id}
+    record["link"] = link_for(vault, invoice_id)
+    emit(record, as_json, f"subscription {record['id']}: {record['link']}")
 
 
 def _change(
@@ -182,6 +209,45 @@ def invoices_void(invoice_id: int, as_json: JsonOpt = False) -> None:
     with unit_of_work() as (session, now):
         record = serialize.invoice(void(session, invoice_id, now))
     emit(record, as_json, f"invoice {invoice_id}: void")
+
+
+@invoices_app.command("show")
+def invoices_show(invoice_id: int, as_json: JsonOpt = False) -> None:
+    """The whole story of an invoice: its attempts and Fatora's answers, and the messages sent."""
+    from billing.services.invoices import story
+
+    with unit_of_work() as (session, _now):
+        record = story(session, invoice_id)
+    if as_json:
+        emit(record, True, "")
+        return
+    sub = record["subscription"]
+    lines = [
+        f"invoice {record['id']}: {record['amount']} {record['currency']} {record['status']}, "
+        f"period {record['period_start']} to {record['period_end']}",
+        f"  subscription {sub['id']} ({sub['plan']}, {sub['status']}), customer "
+        f"{escape(str(sub['customer']))}",
+        f"  attempts {record['attempt_count']}, declines {record['failure_count']}, "
+        f"next attempt {record['next_attempt_at'] or 'none'}, paid {record['paid_at'] or 'no'}",
+    ]
+    if record["quarantined_at"]:
+        lines.append(
+            f"  set aside since {record['quarantined_at']}: "
+            f"{escape(str(record['quarantine_reason']))}"
+        )
+    for a in record["attempts"]:
+        answer = f": {escape(a['description'])}" if a["description"] else ""
+        card = f" card {a['card_id']}" if a["card_id"] else ""
+        lines.append(
+            f"  {a['created_at']}  {a['kind']} {a['order_id']}{card}  {a['status']}"
+            f" ({a['classification'] or a['call_ending'] or '-'}){answer}"
+        )
+    for e in record["events"]:
+        lines.append(
+            f"  {e['created_at']}  {e['kind']}  {e['status']}"
+            + (f"  {escape(e['last_error'])}" if e["last_error"] else "")
+        )
+    emit(record, False, "\n".join(lines))
 
 
 @invoices_app.command("link")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dateutil.relativedelta import relativedelta
@@ -16,7 +16,6 @@ from billing.services.errors import BillingError, Conflict, NotFound
 
 # Fatora tokens die six months after issue (or earlier, when the card expires).
 TOKEN_LIFETIME = relativedelta(months=6)
-EXPIRY_WARNING = timedelta(days=14)
 
 
 def add_customer(
@@ -33,14 +32,7 @@ def add_customer(
 ) -> Customer:
     if not external_id.strip():
         raise BillingError("--external-id must not be empty")
-    if "@" not in email:
-        raise BillingError(f"--email {email!r} is not an email address")
-    if language not in ("en", "ar"):
-        raise BillingError(f"--language must be en or ar, not {language!r}")
-    try:
-        ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise BillingError(f"--timezone {timezone!r} is not a known time zone") from None
+    _check_contact(email, language, timezone)
     customer = Customer(
         external_id=external_id.strip(),
         name=name,
@@ -57,6 +49,54 @@ def add_customer(
     except IntegrityError:
         raise Conflict(f"a customer with external id {external_id!r} exists already") from None
     return customer
+
+
+def _check_contact(email: str | None, language: str | None, timezone: str | None) -> None:
+    if email is not None and "@" not in email:
+        raise BillingError(f"--email {email!r} is not an email address")
+    if language is not None and language not in ("en", "ar"):
+        raise BillingError(f"--language must be en or ar, not {language!r}")
+    if timezone is not None:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise BillingError(f"--timezone {timezone!r} is not a known time zone") from None
+
+
+def update_customer(
+    session: Session,
+    customer: Customer,
+    *,
+    name: str | None = None,
+    email: str | None = None,
+    phone: str | None = None,
+    language: str | None = None,
+    timezone: str | None = None,
+    fcm_token: str | None = None,
+) -> list[str]:
+    """Change what is given; returns the names of the fields changed. An empty phone or device
+    token clears it. Messages not yet sent go to the new address and language."""
+    _check_contact(email, language, timezone)
+    if name is not None and not name.strip():
+        raise BillingError("--name must not be empty")
+    session.refresh(customer, with_for_update=True)
+    wanted: dict[str, str | None] = {
+        "name": name,
+        "email": email,
+        "phone": phone,
+        "language": language,
+        "timezone": timezone,
+        "fcm_token": fcm_token,
+    }
+    changed = []
+    for field, value in wanted.items():
+        if value is None:
+            continue
+        stored = value.strip() or None if field in ("phone", "fcm_token") else value
+        if getattr(customer, field) != stored:
+            setattr(customer, field, stored)
+            changed.append(field)
+    return changed
 
 
 def customer_by_external_id(session: Session, external_id: str) -> Customer:

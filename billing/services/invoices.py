@@ -1,4 +1,5 @@
-"""What an operator may do to one invoice: charge it again now, or void it.
+"""What an operator may see of one invoice (its whole story), and do to it: charge it again
+now, or void it.
 
 Both lock the subscription, then the invoice (the order every writer uses), and refuse while an
 attempt's outcome is unknown: a charge that may have landed is settled by verify first, never
@@ -8,11 +9,13 @@ hidden by a void nor doubled by a retry.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from billing.lifecycle import InvoiceStatus
-from billing.models import Invoice, Subscription
+from billing.models import ChargeAttempt, Event, Invoice, Subscription
 from billing.services.dunning_flow import unresolved_attempt
 from billing.services.errors import BillingError, NotFound
 from billing.services.events import record_event
@@ -54,3 +57,37 @@ def void(session: Session, invoice_id: int, now: datetime) -> Invoice:
     invoice.updated_at = now
     record_event(session, "invoice.voided", invoice=invoice, now=now, payload={"by": "operator"})
     return invoice
+
+
+def story(session: Session, invoice_id: int) -> dict[str, Any]:
+    """The invoice, its subscription, every attempt with Fatora's answers (as recorded: clipped
+    and with secrets removed), and every event about it with how its delivery went."""
+    from billing import serialize
+    from billing.services.notifications import describe_event
+
+    invoice = session.get(Invoice, invoice_id)
+    if invoice is None:
+        raise NotFound(f"no invoice {invoice_id}")
+    sub = session.get(Subscription, invoice.subscription_id)
+    assert sub is not None
+    attempts = session.execute(
+        select(ChargeAttempt)
+        .where(ChargeAttempt.invoice_id == invoice.id)
+        .order_by(ChargeAttempt.id)
+    ).scalars()
+    about = or_(
+        Event.invoice_id == invoice.id,
+        # Some events name the invoice in their payload only (invoice.created).
+        and_(
+            Event.subscription_id == sub.id,
+            Event.invoice_id.is_(None),
+            Event.payload["invoice_id"].as_integer() == invoice.id,
+        ),
+    )
+    events = session.execute(select(Event).where(about).order_by(Event.id)).scalars()
+    return {
+        **serialize.invoice(invoice),
+        "subscription": serialize.subscription(session, sub),
+        "attempts": [serialize.attempt(a) for a in attempts],
+        "events": [describe_event(e) for e in events],
+    }

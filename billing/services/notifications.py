@@ -666,7 +666,7 @@ def _facts(event: Event, loaded: _Loaded, customer: Customer, channels: Channels
         paid_at=invoice.paid_at if invoice is not None else None,
         next_billing_at=sub.next_billing_at if sub is not None else None,
         canceled_at=sub.canceled_at if sub is not None else None,
-        payload={**event.payload, **_pay_link(invoice)},
+        payload={**event.payload, **_pay_link(invoice), **_renew_link(event, sub)},
     )
 
 
@@ -684,6 +684,20 @@ def _pay_link(invoice: Invoice | None) -> dict[str, str]:
         return {"pay_url": link_for(vault_from_settings(), invoice.id)}
     except Exception:  # no token key here: the message asks the customer to contact the merchant
         log.warning("no pay link for invoice %s", invoice.id, exc_info=True)
+        return {}
+
+
+def _renew_link(event: Event, sub: Subscription | None) -> dict[str, str]:
+    """Before a token dies: the link that pays the coming renewal now with a new card."""
+    if event.kind != "card.expiring" or sub is None or sub.next_billing_at is None:
+        return {}
+    from billing.crypto import vault_from_settings
+    from billing.services.paylink import renew_link_for
+
+    try:
+        return {"pay_url": renew_link_for(vault_from_settings(), sub.id)}
+    except Exception:  # no token key here: the message asks the customer to contact the merchant
+        log.warning("no renew link for subscription %s", sub.id, exc_info=True)
         return {}
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
@@ -55,20 +55,36 @@ PAYABLE = frozenset({InvoiceStatus.OPEN.value, InvoiceStatus.UNCOLLECTIBLE.value
 class Page:
     """What the customer is shown (``word``) or where they are sent (``url``)."""
 
-    word: str  # redirect, paid, pending, failed, closed, busy, unavailable, invalid
+    # redirect, paid, pending, failed, closed, nothing_due, busy, unavailable, invalid
+    word: str
     language: str = "en"
     url: str | None = None
     link: str | None = None  # the pay link again, to try once more
 
 
-def _signature(vault: TokenVault, invoice_id: int) -> list[str]:
-    # The vault's keyed fingerprint, kept apart from token fingerprints by its prefix; every
-    # configured key is accepted, so links survive a key rotation.
-    return [mac[:24] for mac in vault.fingerprints(f"pay-link:{invoice_id}")]
+def _signature(vault: TokenVault, purpose: str, number: int) -> list[str]:
+    # The vault's keyed fingerprint, kept apart from token fingerprints (and the pay link from
+    # the renew link) by its prefix; every configured key is accepted, so links survive a key
+    # rotation.
+    return [mac[:24] for mac in vault.fingerprints(f"{purpose}:{number}")]
+
+
+def _reference(vault: TokenVault, purpose: str, number: int) -> str:
+    return f"{number}-{_signature(vault, purpose, number)[0]}"
+
+
+def _number_of(vault: TokenVault, purpose: str, ref: str) -> int | None:
+    number, _, signature = ref.partition("-")
+    if not (number.isascii() and number.isdigit()) or len(number) > 18:
+        return None
+    value = int(number)
+    if not any(hmac.compare_digest(signature, good) for good in _signature(vault, purpose, value)):
+        return None
+    return value
 
 
 def reference(vault: TokenVault, invoice_id: int) -> str:
-    return f"{invoice_id}-{_signature(vault, invoice_id)[0]}"
+    return _reference(vault, "pay-link", invoice_id)
 
 
 def link_for(vault: TokenVault, invoice_id: int) -> str:
@@ -78,13 +94,60 @@ def link_for(vault: TokenVault, invoice_id: int) -> str:
 
 def invoice_of_reference(vault: TokenVault, ref: str) -> int | None:
     """The invoice a reference names, or None for a forged or damaged one."""
-    number, _, signature = ref.partition("-")
-    if not (number.isascii() and number.isdigit()) or len(number) > 18:
-        return None
-    invoice_id = int(number)
-    if not any(hmac.compare_digest(signature, good) for good in _signature(vault, invoice_id)):
-        return None
-    return invoice_id
+    return _number_of(vault, "pay-link", ref)
+
+
+def renew_link_for(vault: TokenVault, subscription_id: int) -> str:
+    """The link that pays the subscription's coming renewal now, with a new card: sent before
+    a renewal that falls after the card's token dies (``card.expiring``)."""
+    ref = _reference(vault, "renew-link", subscription_id)
+    return f"{get_settings().public_url.rstrip('/')}/renew/{ref}"
+
+
+def renew_ahead(rt: Runtime, ref: str) -> Page:
+    """Open the hosted page for the subscription's coming renewal.
+
+    An invoice of the subscription still to be paid is paid first (its own link's page).
+    Otherwise the next period is invoiced now, due on its usual date: no worker charges it
+    before then, and paying it on the page settles it and saves the new card. Refused for a
+    subscription that is not renewed, is set to cancel at the period's end, or whose renewal is
+    further away than the expiry notice.
+    """
+    from billing.services.cards import notice_period
+    from schedules.renewal import RENEWING, renew_one
+
+    sub_id = _number_of(rt.vault, "renew-link", ref)
+    if sub_id is None:
+        return Page("invalid")
+    with rt.sessions() as session, session.begin():
+        now = rt.clock.now()
+        sub = session.get(Subscription, sub_id, with_for_update=True)
+        if sub is None:
+            return Page("invalid")
+        customer = session.get(Customer, sub.customer_id)
+        language = customer.language if customer is not None else "en"
+        owed = session.execute(
+            select(Invoice.id)
+            .where(Invoice.subscription_id == sub.id, Invoice.status.in_(PAYABLE))
+            .order_by(Invoice.period_start)
+            .limit(1)
+        ).scalar_one_or_none()
+        if owed is None:
+            due = sub.next_billing_at
+            if (
+                sub.status not in RENEWING
+                or due is None
+                or sub.cancel_at_period_end
+                or due > now + notice_period() + timedelta(days=1)
+            ):
+                return Page("nothing_due", language)
+            owed = renew_one(session, sub, now)
+            if owed is None:
+                return Page("nothing_due", language)
+            invoice = session.get(Invoice, owed)
+            assert invoice is not None
+            invoice.next_attempt_at = max(invoice.period_start, now)
+    return open_checkout(rt, reference(rt.vault, owed))
 
 
 def open_checkout(rt: Runtime, ref: str) -> Page:

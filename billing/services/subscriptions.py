@@ -15,7 +15,7 @@ from billing.lifecycle import (
     apply,
     initial_status,
 )
-from billing.models import CardToken, Customer, Plan, PlanPrice, Subscription
+from billing.models import CardToken, Customer, Invoice, Plan, PlanPrice, Subscription
 from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, first_period
 from billing.services.dunning_flow import void_open_invoices
 from billing.services.errors import BillingError, NotFound
@@ -162,3 +162,27 @@ def resume(session: Session, sub: Subscription, now: datetime) -> None:
         sub.current_period_end = None
         sub.next_billing_at = first_period(schedule_for(plan, now, customer.timezone), now).start
     record_event(session, "subscription.resumed", subscription=sub, now=now)
+
+
+def start_with_checkout(
+    session: Session, *, customer: Customer, plan: Plan, now: datetime
+) -> tuple[Subscription, int]:
+    """A subscription whose first period is paid on Fatora's hosted page, which also gives its
+    card: created ``unpaid`` with that period invoiced at once; returns it and the invoice id.
+
+    No worker charges the invoice (there is no card, and none is chosen): only the link pays
+    it. The payment makes the subscription active, its schedule going on from the end of the
+    paid period; until then nothing else is billed. No trial: the page is the first payment.
+    """
+    from schedules.renewal import renew_one
+
+    sub = create_subscription(session, customer=customer, plan=plan, now=now, trial_days=0)
+    invoice_id = renew_one(session, sub, now)
+    assert invoice_id is not None  # a new subscription has no invoice to collide with
+    invoice = session.get(Invoice, invoice_id)
+    assert invoice is not None
+    invoice.next_attempt_at = None
+    sub.status = initial_status(False, paid_on_page=True).value
+    sub.next_billing_at = None  # renewals restart when the first period is paid
+    session.flush()
+    return sub, invoice_id

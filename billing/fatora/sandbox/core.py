@@ -74,6 +74,7 @@ FAULTABLE_ROUTES: dict[str, tuple[str, ...]] = {
     "collect-payment": ("/v1/payments/collect-payment",),
     "verify": ("/v1/payments/verify",),
     "refund": ("/v1/payments/refund", "/api/v1/payments/refund"),
+    "deactivate-token": ("/v1/payments/deactivate-token",),
 }
 _FAULTABLE_BY_PATH = {path: name for name, paths in FAULTABLE_ROUTES.items() for path in paths}
 
@@ -432,6 +433,19 @@ class Sandbox:
             raise ValueError(f"unknown behaviour {behaviour!r}")
         with self._lock:
             return self._new_token(behaviour, issued_at or self._now(), currency).value
+
+    def token_deactivated(self, token: str) -> bool:
+        """Whether a token issued here has been deactivated (a test's view of the gateway)."""
+        with self._lock:
+            found = self._tokens.get(token)
+            if found is None:
+                raise KeyError("unknown card token")
+            return found.deactivated
+
+    def deactivate(self, token: str) -> None:
+        """Deactivate a token as if through another channel (the API then answers 422)."""
+        with self._lock:
+            self._tokens[token].deactivated = True
 
     def charges(self) -> list[dict[str, Any]]:
         """Every payment with a transaction (collect attempts and paid checkouts), oldest first."""
