@@ -79,6 +79,10 @@ class BillingSettings(BaseSettings):
     webhook_secret: SecretStr | None = None
     smtp_timeout_s: float = Field(default=30.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Push messages through Firebase Cloud Messaging (HTTP v1): the service account's JSON key
+    # file, and the API's base URL (tests point it at a local receiver).
+    fcm_credentials_file: str | None = None
+    fcm_endpoint: str = "https://fcm.googleapis.com"
     # Events claimed (and locked) per delivery transaction.
     notification_batch_size: int = Field(default=50, ge=1, le=1000)
 

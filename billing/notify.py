@@ -8,6 +8,8 @@ body and headers, and how an error text is cleaned of secrets before it is store
 Channels:
 
 - ``email``: the customer, for the kinds in :data:`CUSTOMER_EMAIL_KINDS`.
+- ``push``: the same messages, shortened, to the customer's phone through Firebase Cloud
+  Messaging (when the customer has a device token and ``BILLING_FCM_CREDENTIALS_FILE`` is set).
 - ``alert_email``: the operator (``BILLING_ALERT_EMAIL``), for every ``alert.*`` kind.
 - ``webhook``: the merchant (``BILLING_WEBHOOK_URL``), for every kind but the operator's own
   (``alert.*`` and :data:`INTERNAL_KINDS`). A kind added later reaches the merchant by default.
@@ -29,6 +31,7 @@ from standardwebhooks import Webhook
 
 class Channel(StrEnum):
     EMAIL = "email"
+    PUSH = "push"
     ALERT_EMAIL = "alert_email"
     WEBHOOK = "webhook"
 
@@ -86,7 +89,7 @@ def channels_for(kind: str, payload: Mapping[str, Any]) -> tuple[Channel, ...]:
     if kind in CUSTOMER_EMAIL_KINDS and not (
         kind == "subscription.canceled" and payload.get("reason") == "dunning_exhausted"
     ):
-        channels.append(Channel.EMAIL)
+        channels.extend((Channel.EMAIL, Channel.PUSH))
     if kind not in INTERNAL_KINDS:
         channels.append(Channel.WEBHOOK)
     return tuple(channels)
@@ -281,3 +284,52 @@ def message_id(event_id: int, channel: Channel, domain: str) -> str:
     """A ``Message-ID`` that depends only on the event, the channel and the sender's domain: a
     re-sent email carries the same one, so mail clients and the receiver see the duplicate."""
     return f"<billing-event-{event_id}.{channel.value}@{domain or 'localhost'}>"
+
+
+# -- push (Firebase Cloud Messaging, HTTP v1) ----------------------------------------------------
+
+FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+PUSH_BODY_LIMIT = 240
+
+
+def push_message(
+    device_token: str, title: str, text: str, data: Mapping[str, str | None]
+) -> dict[str, Any]:
+    """The ``messages:send`` body: the email's subject as the title, its first paragraph after
+    the greeting as the body, and the event's ids and link as data (FCM data values are
+    strings)."""
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    body = paragraphs[1] if len(paragraphs) > 1 else (paragraphs[0] if paragraphs else title)
+    body = " ".join(body.split())
+    if len(body) > PUSH_BODY_LIMIT:
+        body = body[: PUSH_BODY_LIMIT - 1].rstrip() + "\u2026"
+    return {
+        "message": {
+            "token": device_token,
+            "notification": {"title": " ".join(title.split()), "body": body},
+            "data": {key: str(value) for key, value in data.items() if value is not None},
+        }
+    }
+
+
+# FCM's answer for a device token that is not (or no longer) valid: sending again never helps.
+_DEAD_DEVICE = frozenset({"UNREGISTERED", "INVALID_ARGUMENT", "NOT_FOUND", "SENDER_ID_MISMATCH"})
+
+
+def push_failure(status: int, body: bytes) -> tuple[str, bool]:
+    """What a non-2xx FCM answer means: a reason, and whether it is permanent (a dead device
+    token or a malformed message). 401/403 (an access token refused), 429 and 5xx are
+    transient."""
+    code = ""
+    try:
+        document = json.loads(body)
+        error = document.get("error", {}) if isinstance(document, dict) else {}
+        code = str(error.get("status") or "")
+        for detail in error.get("details") or []:
+            if isinstance(detail, dict) and detail.get("errorCode"):
+                code = str(detail["errorCode"])
+    except (ValueError, AttributeError, TypeError):
+        pass
+    reason = f"FCM answered HTTP {status}" + (f" ({code})" if code else "")
+    permanent = code in _DEAD_DEVICE or status in (400, 404)
+    return reason, permanent

@@ -1,13 +1,14 @@
 """Delivering the outbox: customer email, operator alert email and merchant webhooks.
 
-``deliver_due`` claims the events due for delivery in batches, in id order: on PostgreSQL with
-``FOR UPDATE SKIP LOCKED``, held until the batch's results are committed, so two deliverers
+``deliver_due`` claims the events due for delivery one by one, in id order: on PostgreSQL with
+``FOR UPDATE SKIP LOCKED``, held until that event's results are committed, so two deliverers
 never take the same event. For each event it sends every channel in effect that has not been
 sent yet (``billing/notify.py::channels_for``), then records how each went and what follows
 (``notify.conclude``): delivered, skipped (no channel configured), tried again after a backoff,
-or failed once the bound is reached. A channel that was sent is never sent again; a worker that
-dies before its commit sends its batch again, with the same ``webhook-id`` and ``Message-ID``
-for the receiver to recognise (at least once, deduplicable).
+or failed once the bound is reached. A channel that was sent is never sent again. Each event is
+committed as soon as it is sent: a worker killed mid-run leaves at most the event it was
+sending uncommitted, which the next run sends again with the same ``webhook-id`` and
+``Message-ID`` for the receiver to recognise; every other event is sent once.
 
 Within one run, an endpoint that cannot be reached (a timeout, a refused connection, an SMTP
 server that is down) is not tried again for the rest of the run: the later events keep that
@@ -46,6 +47,7 @@ from billing.messages import EmailContent, EmailFacts, MissingFacts, compose, co
 from billing.models import Customer, Event, Invoice, Plan, Subscription
 from billing.money import from_minor
 from billing.notify import (
+    FCM_SCOPE,
     FINAL_CHANNEL,
     BadWebhookSecret,
     Channel,
@@ -55,6 +57,8 @@ from billing.notify import (
     conclude,
     iso,
     message_id,
+    push_failure,
+    push_message,
     scrub,
     webhook_body,
     webhook_headers,
@@ -302,12 +306,149 @@ class WebhookSender:
 # -- the channels of a process -------------------------------------------------------------------
 
 
+class FcmSender:
+    """Sends push messages through Firebase Cloud Messaging's HTTP v1 API with a service
+    account: a JWT signed with its private key buys an OAuth access token at its ``token_uri``
+    (kept until a minute before it expires), which authorises ``messages:send`` on
+    ``{endpoint}/v1/projects/{project}``. Both URLs come from the settings and the credentials
+    file, so tests point them at a local receiver."""
+
+    def __init__(
+        self,
+        credentials: dict[str, Any],
+        *,
+        endpoint: str = "https://fcm.googleapis.com",
+        timeout_s: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        missing = [
+            key
+            for key in ("project_id", "private_key", "client_email", "token_uri")
+            if not isinstance(credentials.get(key), str) or not credentials[key]
+        ]
+        if missing:
+            raise ValueError(f"the FCM credentials file lacks {', '.join(missing)}")
+        self._credentials = credentials
+        self._send_url = (
+            f"{endpoint.rstrip('/')}/v1/projects/{quote(credentials['project_id'], safe='')}"
+            "/messages:send"
+        )
+        self.timeout_s = timeout_s
+        self._access: tuple[str, float] | None = None
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            transport=transport,
+            follow_redirects=False,
+            headers={"user-agent": "fatora-billing-push"},
+        )
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs: Any) -> FcmSender:
+        import json
+        from pathlib import Path
+
+        try:
+            document = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"cannot read the FCM credentials file (BILLING_FCM_CREDENTIALS_FILE): "
+                f"{type(exc).__name__}"
+            ) from None
+        if not isinstance(document, dict):
+            raise ValueError("the FCM credentials file is not a service account JSON object")
+        return cls(document, **kwargs)
+
+    @property
+    def secrets(self) -> list[str]:
+        found = [self._credentials["private_key"]]
+        if self._access is not None:
+            found.append(self._access[0])
+        return found
+
+    def _token(self) -> str:
+        import time
+
+        import jwt
+
+        if self._access is not None and self._access[1] > time.time() + 60:
+            return self._access[0]
+        issued = int(time.time())
+        claims = {
+            "iss": self._credentials["client_email"],
+            "scope": FCM_SCOPE,
+            "aud": self._credentials["token_uri"],
+            "iat": issued,
+            "exp": issued + 3600,
+        }
+        headers = (
+            {"kid": self._credentials["private_key_id"]}
+            if self._credentials.get("private_key_id")
+            else None
+        )
+        try:
+            assertion = jwt.encode(
+                claims, self._credentials["private_key"], algorithm="RS256", headers=headers
+            )
+        except (ValueError, TypeError, jwt.PyJWTError):
+            raise DeliveryFailed("the FCM private key cannot sign", permanent=False) from None
+        response = self._post(
+            self._credentials["token_uri"],
+            data={
+                "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": assertion,
+            },
+            what="the FCM token endpoint",
+        )
+        if response.status_code != 200:
+            raise DeliveryFailed(f"the FCM token endpoint answered HTTP {response.status_code}")
+        try:
+            answer = response.json()
+            token = str(answer["access_token"])
+            lifetime = float(answer.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError):
+            raise DeliveryFailed("the FCM token endpoint gave no access token") from None
+        self._access = (token, issued + lifetime)
+        return token
+
+    def _post(self, url: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self.client.post(url, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise DeliveryFailed(
+                f"no answer from {what} within {self.timeout_s:g} s ({type(exc).__name__})",
+                unreachable=True,
+            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise DeliveryFailed(
+                f"cannot reach {what}: {_describe(exc)}", unreachable=True
+            ) from None
+
+    def send(self, message: dict[str, Any]) -> None:
+        token = self._token()
+        response = self._post(
+            self._send_url,
+            json=message,
+            headers={"authorization": f"Bearer {token}"},
+            what="FCM",
+        )
+        if 200 <= response.status_code < 300:
+            return
+        if response.status_code in (401, 403):
+            self._access = None  # a fresh access token on the next try
+        reason, permanent = push_failure(response.status_code, response.content)
+        raise DeliveryFailed(reason, permanent=permanent)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 @dataclass
 class Channels:
     """The senders in effect (``None``: that channel is not configured, and skipped)."""
 
     mailer: SmtpMailer | None = None
     webhook: WebhookSender | None = None
+    push: FcmSender | None = None
     email_from: str = "billing@localhost"
     alert_to: str | None = None
     # Why a configured channel cannot work (a malformed URL): reported as its error.
@@ -320,6 +461,8 @@ class Channels:
             found += self.mailer.secrets
         if self.webhook is not None:
             found += self.webhook.secrets
+        if self.push is not None:
+            found += self.push.secrets
         return found
 
     @property
@@ -335,6 +478,8 @@ class Channels:
             self.mailer.close()
         if self.webhook is not None:
             self.webhook.close()
+        if self.push is not None:
+            self.push.close()
 
     def __enter__(self) -> Channels:
         return self
@@ -364,6 +509,13 @@ def channels_from_settings(settings: BillingSettings | None = None) -> Channels:
     if webhook_url:
         secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
         channels.webhook = WebhookSender(webhook_url, secret, timeout_s=s.webhook_timeout_s)
+    if s.fcm_credentials_file:
+        try:
+            channels.push = FcmSender.from_file(
+                s.fcm_credentials_file, endpoint=s.fcm_endpoint, timeout_s=s.webhook_timeout_s
+            )
+        except ValueError as exc:
+            channels.problems[Channel.PUSH] = str(exc)
     return channels
 
 
@@ -460,18 +612,26 @@ def _deliver_batch(
     unreachable: set[Channel],
     report: DeliveryReport,
 ) -> list[int]:
-    now = rt.clock.now()
-    with rt.sessions() as session, session.begin():
-        query = due_query(now, after_id, size)
-        if session.get_bind().dialect.name == "postgresql":
-            # The rows stay locked while they are sent: a server-wide idle timeout must not end
-            # the transaction (and send the whole batch again on the next run).
-            session.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
-            query = query.with_for_update(skip_locked=True)
-        events = list(session.execute(query).scalars())
-        for event in events:
+    """Up to ``size`` events, each claimed, sent and recorded in a transaction of its own: a
+    worker killed mid-run sends again at most the one event it was sending (with the same
+    ``Message-ID`` and ``webhook-id``), never the ones it had already sent."""
+    claimed: list[int] = []
+    for _ in range(size):
+        now = rt.clock.now()
+        with rt.sessions() as session, session.begin():
+            query = due_query(now, after_id, 1)
+            if session.get_bind().dialect.name == "postgresql":
+                # The row stays locked while it is sent: a server-wide idle timeout must not
+                # end the transaction (and send the event again on the next run).
+                session.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+                query = query.with_for_update(skip_locked=True)
+            event = session.execute(query).scalar_one_or_none()
+            if event is None:
+                break
             _deliver_event(session, event, channels, now, unreachable, report)
-        return [event.id for event in events]
+            claimed.append(event.id)
+            after_id = event.id
+    return claimed
 
 
 @dataclass
@@ -619,6 +779,8 @@ def _send(channel: Channel, event: Event, loaded: _Loaded, channels: Channels) -
             return "BILLING_WEBHOOK_URL is not set"
         channels.webhook.post(str(event.id), _webhook_body(event, loaded))
         return None
+    if channel is Channel.PUSH:
+        return _push(event, loaded, channels)
     if channels.mailer is None:
         return "BILLING_SMTP_URL is not set"
     if channel is Channel.ALERT_EMAIL:
@@ -645,6 +807,31 @@ def _send(channel: Channel, event: Event, loaded: _Loaded, channels: Channels) -
         to = (customer.name, customer.email)
     channels.mailer.send(_message(event, channel, content, to, channels))
     return None
+
+
+def _push(event: Event, loaded: _Loaded, channels: Channels) -> str | None:
+    customer = loaded.customer
+    if customer is None or not customer.fcm_token:
+        return "no device token"
+    if channels.push is None:
+        return "BILLING_FCM_CREDENTIALS_FILE is not set"
+    try:
+        facts = _facts(event, loaded, customer, channels)
+        content = compose(facts)
+    except MissingFacts as exc:
+        raise DeliveryFailed(str(exc), permanent=True) from None
+    data = {
+        "event_id": str(event.id),
+        "kind": event.kind,
+        "invoice_id": str(facts.invoice_id) if facts.invoice_id is not None else None,
+        "pay_url": _text_or_none(facts.payload.get("pay_url")),
+    }
+    channels.push.send(push_message(customer.fcm_token, content.subject, content.text, data))
+    return None
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _facts(event: Event, loaded: _Loaded, customer: Customer, channels: Channels) -> EmailFacts:

@@ -360,6 +360,7 @@ def test_a_channel_that_was_sent_is_not_sent_again_when_another_retries(
     assert event.delivery_status == "delivered"
     assert {k: v["status"] for k, v in (event.delivery_channels or {}).items()} == {
         "email": "sent",
+        "push": "skipped",  # the customer has no device token
         "webhook": "sent",
     }
 
@@ -455,6 +456,7 @@ def test_unconfigured_channels_are_skipped_not_failed(rt: Runtime, sandbox: Sand
     assert event.delivery_status == "skipped" and event.last_error is None
     assert event.delivery_channels == {
         "email": {"status": "skipped", "why": "BILLING_SMTP_URL is not set"},
+        "push": {"status": "skipped", "why": "no device token"},
         "webhook": {"status": "skipped", "why": "BILLING_WEBHOOK_URL is not set"},
     }
     assert _event(rt, alert).delivery_channels == {

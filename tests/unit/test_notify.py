@@ -101,13 +101,17 @@ def test_the_body_is_stable_and_leaves_credential_like_keys_out() -> None:
 
 
 def test_routing() -> None:
-    """Customers get email for the five kinds that concern them; alerts go to the operator
-    only; the merchant gets every other kind but the operator's bookkeeping."""
-    assert channels_for("invoice.paid", {}) == (Channel.EMAIL, Channel.WEBHOOK)
+    """Customers get email (and push) for the five kinds that concern them; alerts go to the
+    operator only; the merchant gets every other kind but the operator's bookkeeping."""
+    assert channels_for("invoice.paid", {}) == (Channel.EMAIL, Channel.PUSH, Channel.WEBHOOK)
     assert channels_for("invoice.created", {}) == (Channel.WEBHOOK,)
     assert channels_for("alert.duplicate_payment", {}) == (Channel.ALERT_EMAIL,)
     assert channels_for("row.released", {}) == ()
-    assert channels_for("subscription.canceled", {}) == (Channel.EMAIL, Channel.WEBHOOK)
+    assert channels_for("subscription.canceled", {}) == (
+        Channel.EMAIL,
+        Channel.PUSH,
+        Channel.WEBHOOK,
+    )
     assert channels_for("subscription.canceled", {"reason": "dunning_exhausted"}) == (
         Channel.WEBHOOK,
     )
