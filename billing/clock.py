@@ -22,6 +22,17 @@ class TestClockRefused(RuntimeError):
     """The test clock was asked for in live mode."""
 
 
+class ClockWouldGoBack(ValueError):
+    """The test clock was asked to move back in time without saying so."""
+
+    def __init__(self, now: datetime, wanted: datetime) -> None:
+        self.now = now.astimezone(UTC)
+        self.wanted = wanted.astimezone(UTC)
+        super().__init__(
+            f"the test clock is at {_iso(self.now)}: {_iso(self.wanted)} would move it back"
+        )
+
+
 class Clock(Protocol):
     def now(self) -> datetime: ...
 
@@ -59,12 +70,17 @@ class DatabaseClock:
         with Session(self.engine) as session:
             return session.get(ClockRow, 1) is not None
 
-    def set(self, at: datetime) -> datetime:
+    def set(self, at: datetime, *, backwards: bool = True) -> datetime:
+        """Freeze the clock at ``at``. With ``backwards=False`` a time before the one it is
+        frozen at is refused (``ClockWouldGoBack``): what already ran then would not run
+        again, and what the system recorded later would look like the future."""
         _refuse_in_live_mode()
         if at.tzinfo is None:
             raise ValueError("the test clock needs a time with a zone, e.g. 2026-01-31T00:00:00Z")
         with Session(self.engine) as session, session.begin():
             row = session.execute(select(ClockRow).with_for_update()).scalar_one_or_none()
+            if row is not None and not backwards and at < row.now:
+                raise ClockWouldGoBack(row.now, at)
             stamp = datetime.now(UTC)
             if row is None:
                 session.add(ClockRow(id=1, now=at, updated_at=stamp))
@@ -90,6 +106,10 @@ def _refuse_in_live_mode() -> None:
         raise TestClockRefused("the test clock is refused in live mode (set BILLING_MODE=test)")
 
 
+def _iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
 def clock_for(engine: Engine) -> Clock:
     """The clock every component uses: the database test clock only in test mode."""
     if get_settings().mode is BillingMode.TEST:
@@ -111,7 +131,13 @@ def parse_duration(text: str) -> timedelta:
 
 def parse_instant(text: str) -> datetime:
     """Parse an ISO 8601 time; one without a zone is read as UTC."""
-    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        reason = str(exc) if "isoformat" not in str(exc) else "not ISO 8601"
+        raise ValueError(
+            f"not a valid time: {text!r} ({reason}); use ISO 8601, e.g. 2027-01-31T09:00:00Z"
+        ) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC)

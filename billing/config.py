@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import lru_cache
+from typing import TypeVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The public sample key from Fatora's documentation: shared by everyone, test merchants only.
@@ -29,7 +30,10 @@ class BillingMode(StrEnum):
 class FatoraSettings(BaseSettings):
     """How to reach the Fatora gateway."""
 
-    model_config = SettingsConfigDict(env_prefix="FATORA_", extra="ignore")
+    # A value never appears in an error: it may be a key or a URL with a password in it.
+    model_config = SettingsConfigDict(
+        env_prefix="FATORA_", extra="ignore", hide_input_in_errors=True
+    )
 
     base_url: str = "https://api.fatora.io/v1"
     api_key: SecretStr = SecretStr(FATORA_SAMPLE_API_KEY)
@@ -43,7 +47,9 @@ class FatoraSettings(BaseSettings):
 class BillingSettings(BaseSettings):
     """The worker's own settings."""
 
-    model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BILLING_", extra="ignore", hide_input_in_errors=True
+    )
 
     mode: BillingMode = BillingMode.LIVE
     database_url: str = "sqlite:///billing.sqlite3"
@@ -86,15 +92,100 @@ class BillingSettings(BaseSettings):
     # Events claimed (and locked) per delivery transaction.
     notification_batch_size: int = Field(default=50, ge=1, le=1000)
 
+    # Prometheus metrics (billing/metrics.py): every worker serves /metrics on this port, and so
+    # does `billing metrics`; 0 serves nothing from the worker. Scraped from other hosts, so
+    # every interface by default.
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104
+    # At most this many Fatora calls in flight across every worker sharing the broker's Redis
+    # (billing/gateway_cap.py); 0: no cap. A call that gets no slot within gateway_cap_wait_s
+    # (or cannot reach Redis) is not sent, and fails as a request that never left.
+    gateway_max_in_flight: int = Field(default=0, ge=0, le=100_000)
+    gateway_cap_wait_s: float = Field(default=10.0, gt=0, le=60)
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, url: str) -> str:
+        return check_database_url(url)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, url: str) -> str:
+        return check_broker_url(url)
+
+
+# The databases this code runs on: PostgreSQL (psycopg 3) and SQLite (the embedded default).
+SUPPORTED_DATABASES = ("postgresql", "postgres", "sqlite")
+DATABASE_URL_FORMS = "postgresql://USER:PASSWORD@HOST:5432/NAME or sqlite:///PATH"
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if it names a supported database; the error never repeats the URL (it may hold a
+    password), only its scheme."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ValueError(f"not a database URL; use {DATABASE_URL_FORMS}") from None
+    if backend not in SUPPORTED_DATABASES:
+        raise ValueError(
+            f"{backend} is not supported: only PostgreSQL and SQLite are; use {DATABASE_URL_FORMS}"
+        )
+    return url
+
+
+def check_broker_url(url: str) -> str:
+    """``url`` if Celery knows its transport (``redis://``, ``memory://``...); the error names
+    the scheme only."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    scheme, separator, _rest = url.partition("://")
+    if not separator:
+        raise ValueError("not a broker URL; use redis://HOST:6379/0 (or memory:// for one process)")
+    if scheme.split("+", 1)[0] not in TRANSPORT_ALIASES:
+        raise ValueError(f"{scheme}:// is not a broker Celery knows; use redis://HOST:6379/0")
+    return url
+
+
+class SettingsError(ValueError):
+    """A setting in the environment is missing or wrong: one line naming the variable and what
+    is wrong with its value, never the value itself."""
+
+
+_Settings = TypeVar("_Settings", bound=BaseSettings)
+
+
+def load_settings(kind: type[_Settings]) -> _Settings:
+    """``kind()`` read from the environment, its validation errors as one ``SettingsError``."""
+    try:
+        return kind()
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(kind, exc)) from None
+
+
+def describe_settings_error(kind: type[BaseSettings], exc: ValidationError) -> str:
+    """``BILLING_MODE: input should be 'live' or 'test'``: the variable of each error and what is
+    wrong, on one line (pydantic's own text spans lines and may quote the value)."""
+    prefix = str(kind.model_config.get("env_prefix") or "")
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        field = "_".join(str(part) for part in error["loc"]) or "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{(prefix + field).upper()}: {message[:1].lower()}{message[1:]}")
+    listed = "; ".join(problems)
+    return f"setting {listed} (fix it in the environment)"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> BillingSettings:
-    return BillingSettings()
+    return load_settings(BillingSettings)
 
 
 @lru_cache(maxsize=1)
 def get_fatora_settings() -> FatoraSettings:
-    return FatoraSettings()
+    return load_settings(FatoraSettings)
 
 
 def reset_settings_cache() -> None:

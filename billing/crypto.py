@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping, Sequence
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -23,6 +24,30 @@ class TokenKeyMissing(RuntimeError):
 
 class TokenUnreadable(RuntimeError):
     """A stored token cannot be decrypted with any configured key."""
+
+
+# How an operator gets rid of a card whose token no configured key decrypts.
+REMOVE_UNREADABLE = "billing cards remove {card_id} --local-only"
+
+
+class TokensUnreadable(TokenUnreadable):
+    """Some stored tokens cannot be decrypted with any configured key: their cards' ids."""
+
+    def __init__(self, card_ids: Sequence[int]) -> None:
+        self.card_ids = sorted(card_ids)
+        first = self.card_ids[0]
+        listed = ", ".join(str(i) for i in self.card_ids[:10])
+        more = f" and {len(self.card_ids) - 10} more" if len(self.card_ids) > 10 else ""
+        remove = REMOVE_UNREADABLE.format(card_id=first)
+        if len(self.card_ids) == 1:
+            what = f"the token of card {first} cannot be decrypted"
+            fix = f"add the key it was encrypted with, or remove the card (`{remove}`)"
+        else:
+            what = f"the tokens of cards {listed}{more} cannot be decrypted"
+            fix = f"add the keys they were encrypted with, or remove the cards (`{remove}`, ...)"
+        super().__init__(
+            f"{what} with any key in BILLING_TOKEN_KEY, so nothing was re-encrypted: {fix}"
+        )
 
 
 def new_key() -> str:
@@ -63,7 +88,31 @@ class TokenVault:
             ) from None
 
     def rotate(self, ciphertext: bytes) -> bytes:
-        return self._multi.rotate(ciphertext)
+        try:
+            return self._multi.rotate(ciphertext)
+        except InvalidToken:
+            raise TokenUnreadable(
+                "a stored card token cannot be decrypted with the configured keys"
+            ) from None
+
+    def rotate_all(self, ciphertexts: Mapping[int, bytes]) -> dict[int, tuple[bytes, str]]:
+        """Each card's token re-encrypted with the primary key, and its fingerprint under it.
+
+        All or nothing: if any token cannot be decrypted, ``TokensUnreadable`` names every
+        such card and nothing is returned.
+        """
+        done: dict[int, tuple[bytes, str]] = {}
+        unreadable: list[int] = []
+        for card_id, ciphertext in ciphertexts.items():
+            try:
+                token = self.decrypt(ciphertext)
+            except TokenUnreadable:
+                unreadable.append(card_id)
+                continue
+            done[card_id] = (self.rotate(ciphertext), self.fingerprint(token))
+        if unreadable:
+            raise TokensUnreadable(unreadable)
+        return done
 
     def fingerprint(self, token: str) -> str:
         """The fingerprint under the primary key: what new rows store."""

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from billing.clock import DatabaseClock, TestClockRefused
 from billing.config import BillingMode, get_settings
 from billing.runtime import get_runtime
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
 
 
 def tick(
@@ -47,29 +51,79 @@ def tick(
     }
     if not wait:
         return result
-    outcomes: Counter[str] = Counter()
-    deadline = time.monotonic() + timeout
-    follow = list(pending)
-    while follow:
-        task = follow.pop(0)
-        remaining = max(0.1, deadline - time.monotonic())
-        try:
-            report = task.get(timeout=remaining, propagate=True)
-        except Exception as exc:
-            outcomes[f"not settled ({type(exc).__name__})"] += 1
-            continue
-        for word in report.get("results", {}).values():
-            outcomes[word] += 1
-    result["outcomes"] = dict(sorted(outcomes.items()))
+    result.update(follow_charges(pending, timeout))
     return result
+
+
+def follow_charges(pending: Sequence[AsyncResult], timeout: float) -> dict[str, Any]:
+    """Wait up to ``timeout`` seconds in all for the charge tasks to settle.
+
+    ``outcomes`` counts each invoice's result, plus a ``not settled`` entry for each task still
+    unfinished at the deadline (no worker took it, or it is still running) and a ``failed``
+    entry for each task that raised. ``not_settled`` and ``failed_tasks`` (task id and the
+    exception's class, never its message) say which, so that the caller can exit non-zero.
+    """
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    outcomes: Counter[str] = Counter()
+    not_settled: list[str] = []
+    failed: list[dict[str, str]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for task in pending:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                report = task.get(timeout=remaining, propagate=True)
+            except ResultTimeout:
+                outcomes["not settled (TimeoutError)"] += 1
+                not_settled.append(str(task.id))
+                continue
+            except Exception as exc:
+                outcomes[f"failed ({type(exc).__name__})"] += 1
+                failed.append({"task_id": str(task.id), "error": type(exc).__name__})
+                continue
+            for word in report.get("results", {}).values():
+                outcomes[word] += 1
+    finally:
+        # A result still waited for stays registered with the result backend, and Celery
+        # would unsubscribe it from AsyncResult.__del__ while the interpreter shuts down,
+        # printing an error: stop waiting for each now.
+        for task in pending:
+            backend = getattr(task, "backend", None)
+            if backend is not None and hasattr(backend, "remove_pending_result"):
+                backend.remove_pending_result(task)
+    return {
+        "outcomes": dict(sorted(outcomes.items())),
+        "not_settled": not_settled,
+        "failed_tasks": failed,
+    }
+
+
+def tick_problem(result: dict[str, Any], timeout: float) -> str | None:
+    """Why ``tick --wait`` did not end well, as one line; ``None`` if every charge settled."""
+    not_settled = len(result.get("not_settled") or [])
+    failed = result.get("failed_tasks") or []
+    if failed:
+        first = failed[0]
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        return (
+            f"charge task {first['task_id']} raised {first['error']}{more}: see the worker's "
+            "log; its invoices are tried again by the next pass"
+        )
+    if not_settled:
+        return (
+            f"{not_settled} charge task(s) not settled after {timeout:g} s: is a worker running "
+            "(`celery -A workers.app worker`)? They are charged once one takes them"
+        )
+    return None
 
 
 def describe_tick(result: dict[str, Any]) -> str:
     lines = [
-        f"renewed {result['invoices_created']} subscription(s) "
+        f"renewed {_count(result['invoices_created'], 'subscription', 'subscriptions')} "
         f"({result['claimed']} claimed, {result['canceled_at_period_end']} canceled at period end)",
-        f"queued {result['charge_tasks']} charge task(s), "
-        f"including {result['retries_queued']} due retr(ies)",
+        f"queued {_count(result['charge_tasks'], 'charge task', 'charge tasks')}, "
+        f"including {_count(result['retries_queued'], 'due retry', 'due retries')}",
     ]
     if result.get("quarantined") or result.get("released"):
         lines.append(
@@ -79,6 +133,10 @@ def describe_tick(result: dict[str, Any]) -> str:
     for word, count in result.get("outcomes", {}).items():
         lines.append(f"  {word}: {count}")
     return "\n".join(lines)
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def reconcile() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
 
+from billing import metrics
 from billing.attempts import UNRESOLVED_VALUES
 from billing.lifecycle import InvoiceStatus
 from billing.models import ChargeAttempt, Event, Invoice
@@ -96,6 +97,7 @@ def run_janitor(
             report.retry_in.update(collection.retry_in)
     finally:
         _alert_stale(rt, at, report)
+        metrics.janitor_finished(report)
     if report.failed:
         raise JanitorIncomplete(f"{len(report.failed)} invoice(s) could not be settled")
     return report

@@ -6,11 +6,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import typer
-from sqlalchemy import select
 
 from billing import serialize
 from billing.cli.base import (
-    USER_ERRORS,
     JsonOpt,
     app,
     clock_app,
@@ -21,10 +19,11 @@ from billing.cli.base import (
     keys_app,
     out,
     quarantine_app,
+    say,
     table,
     unit_of_work,
 )
-from billing.clock import DatabaseClock, parse_duration, parse_instant
+from billing.clock import ClockWouldGoBack, DatabaseClock, parse_duration, parse_instant
 from billing.config import get_settings
 from billing.crypto import new_key
 
@@ -48,45 +47,64 @@ def clock_show(as_json: JsonOpt = False) -> None:
 
 
 @clock_app.command("set")
-def clock_set(at: str) -> None:
-    """Freeze the test clock at an ISO 8601 time."""
+def clock_set(
+    at: Annotated[
+        datetime,
+        typer.Argument(
+            parser=parse_instant, metavar="AT", help="An ISO 8601 time, e.g. 2027-01-31T09:00:00Z."
+        ),
+    ],
+    backwards: Annotated[
+        bool,
+        typer.Option(
+            "--backwards",
+            help="Allow a time before the clock's: what already ran is not run again.",
+        ),
+    ] = False,
+) -> None:
+    """Freeze the test clock at an ISO 8601 time (never back in time without --backwards)."""
     try:
-        now = _db_clock().set(parse_instant(at))
-    except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
-    out.print(serialize.iso(now))
+        now = _db_clock().set(at, backwards=backwards)
+    except ClockWouldGoBack as exc:
+        raise fail(f"{exc}; add --backwards to move it back anyway") from None
+    say(str(serialize.iso(now)))
 
 
 @clock_app.command("advance")
-def clock_advance(by: str) -> None:
+def clock_advance(
+    by: Annotated[str, typer.Argument(help="A duration such as 1d, 12h, 30m, 2w.")],
+) -> None:
     """Move the test clock forward by a duration such as 1d, 12h, 30m."""
-    try:
-        now = _db_clock().advance(parse_duration(by))
-    except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
-    out.print(serialize.iso(now))
+    now = _db_clock().advance(parse_duration(by))
+    say(str(serialize.iso(now)))
 
 
 @keys_app.command("new")
 def keys_new() -> None:
     """Print a new Fernet key for BILLING_TOKEN_KEY."""
-    out.print(new_key())
+    say(new_key())
 
 
 @keys_app.command("rotate")
 def keys_rotate() -> None:
-    """Re-encrypt every stored token with the first key of BILLING_TOKEN_KEY."""
+    """Re-encrypt every stored token with the first key of BILLING_TOKEN_KEY.
+
+    All or nothing: if a token cannot be decrypted with any of the keys, nothing is changed
+    and the cards concerned are named.
+    """
+    from sqlalchemy import select
+
     from billing.models import CardToken
     from billing.runtime import get_runtime
 
     vault = get_runtime().vault
-    count = 0
     with unit_of_work() as (session, _now):
-        for card in session.execute(select(CardToken)).scalars():
-            card.ciphertext = vault.rotate(card.ciphertext)
-            card.fingerprint = vault.fingerprint(vault.decrypt(card.ciphertext))
-            count += 1
-    out.print(f"{count} token(s) re-encrypted with the primary key")
+        cards = {card.id: card for card in session.execute(select(CardToken)).scalars()}
+        rotated = vault.rotate_all({card_id: card.ciphertext for card_id, card in cards.items()})
+        for card_id, (ciphertext, fingerprint) in rotated.items():
+            cards[card_id].ciphertext = ciphertext
+            cards[card_id].fingerprint = fingerprint
+    say(f"{len(rotated)} token(s) re-encrypted with the primary key")
 
 
 @collection_app.command("resume")
@@ -96,7 +114,7 @@ def collection_resume() -> None:
 
     with unit_of_work() as (session, now):
         resumed = resume_collection(session, now)
-    out.print("collection resumed" if resumed else "collection was not paused")
+    say("collection resumed" if resumed else "collection was not paused")
 
 
 @collection_app.command("status")
@@ -125,7 +143,7 @@ def quarantine_list(as_json: JsonOpt = False) -> None:
     if as_json:
         emit(rows, True, "")
     elif not rows:
-        out.print("nothing is quarantined")
+        say("nothing is quarantined")
     else:
         table(rows, ["table", "id", "since", "reason", "next_retry"])
 
@@ -194,7 +212,7 @@ def events_list(
     if as_json:
         emit(rows, True, "")
     elif not rows:
-        out.print("no failed event" if wanted is DeliveryStatus.FAILED else "no event")
+        say("no failed event" if wanted is DeliveryStatus.FAILED else "no event")
     else:  # one line per event (grep-friendly, never folded by the terminal's width)
         for row in rows:
             when = {
@@ -203,11 +221,9 @@ def events_list(
                 "failed": f"at {row['failed_at']}",
             }.get(row["status"], "")
             error = f"  {row['last_error']}" if row["last_error"] else ""
-            out.print(
+            say(
                 f"{row['id']}  {row['created_at']}  {row['kind']}  {row['status']} {when}  "
-                f"tries {row['attempts']}{error}",
-                highlight=False,
-                soft_wrap=True,
+                f"tries {row['attempts']}{error}"
             )
 
 
@@ -217,11 +233,8 @@ def events_deliver(as_json: JsonOpt = False) -> None:
     from billing.runtime import get_runtime
     from billing.services.notifications import channels_from_settings, deliver_due
 
-    try:
-        with channels_from_settings() as channels:
-            counts = deliver_due(get_runtime(), channels).as_dict()
-    except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
+    with channels_from_settings() as channels:
+        counts = deliver_due(get_runtime(), channels).as_dict()
     emit(counts, as_json, ", ".join(f"{name} {count}" for name, count in counts.items()))
 
 
@@ -255,21 +268,34 @@ def events_retry(
 @app.command("tick")
 def tick(
     now: Annotated[
-        str | None,
-        typer.Option("--now", help="Test mode: set the test clock to this time, then run."),
+        datetime | None,
+        typer.Option(
+            "--now",
+            parser=parse_instant,
+            metavar="TIME",
+            help="Test mode: set the test clock to this ISO 8601 time, then run.",
+        ),
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the charges to settle.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout")] = 300.0,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait for the charges to settle; exit 1 if one is not settled in time or fails.",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0, help="Seconds --wait waits, in all.")
+    ] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """One scheduler pass: renew what is due, queue the charges (and due retries)."""
     from billing import runner
 
-    try:
-        result = runner.tick(now=parse_instant(now) if now else None, wait=wait, timeout=timeout)
-    except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
+    result = runner.tick(now=now, wait=wait, timeout=timeout)
     emit(result, as_json, runner.describe_tick(result))
+    problem = runner.tick_problem(result, timeout) if wait else None
+    if problem is not None:
+        raise fail(problem)
 
 
 @app.command("reconcile")
@@ -311,11 +337,13 @@ def web(
 @app.command("sandbox")
 def sandbox(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8765,
-    latency_ms: Annotated[int, typer.Option("--latency-ms")] = 0,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8765,
+    latency_ms: Annotated[int, typer.Option("--latency-ms", min=0)] = 0,
     api_key: Annotated[str | None, typer.Option("--api-key")] = None,
     decline_style: Annotated[str, typer.Option("--decline-style")] = "http200",
-    hang_s: Annotated[float, typer.Option("--hang-s", help="How long a hung call hangs.")] = 120.0,
+    hang_s: Annotated[
+        float, typer.Option("--hang-s", min=0, help="How long a hung call hangs.")
+    ] = 120.0,
     land_delay_s: Annotated[
         float,
         typer.Option("--land-delay-s", min=0, help="When a held or 504'd charge lands."),

@@ -8,6 +8,10 @@ API must not send anyway). Proxies come from the usual environment variables, as
 ``httpx.Client``. One instance serves a whole thread pool. Tests swap the network for an
 ``httpx.MockTransport`` through the ``transport`` argument; an injected transport is shared by
 every thread.
+
+Every request passes through ``_post``: it holds a slot under the gateway cap shared by every
+worker (``billing.gateway_cap``, when ``BILLING_GATEWAY_MAX_IN_FLIGHT`` sets one) and counts the
+request's latency and result (``billing.metrics``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]
 
 import httpx
 
+from billing import metrics
 from billing.fatora.amounts import format_amount
 from billing.fatora.answers import Answer
 from billing.fatora.errors import (
@@ -61,6 +66,7 @@ from billing.fatora.types import (
 
 if TYPE_CHECKING:
     from billing.config import FatoraSettings
+    from billing.gateway_cap import InFlightCap
 
 __all__ = ["DEFAULT_DEACTIVATE_PATH", "FatoraClient"]
 
@@ -128,7 +134,10 @@ class FatoraClient:
         connect_timeout_s: float = 10,
         transport: httpx.BaseTransport | None = None,
         deactivate_path: str = DEFAULT_DEACTIVATE_PATH,
+        cap: InFlightCap | Literal["settings"] | None = "settings",
     ) -> None:
+        """``cap``: the gateway cap every request holds a slot of; by default the one the
+        settings ask for (none unless ``BILLING_GATEWAY_MAX_IN_FLIGHT`` is set); None: no cap."""
         mode = mode.strip().lower()
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}")
@@ -157,6 +166,11 @@ class FatoraClient:
         self._transports: list[httpx.BaseTransport] = []
         self._transports_lock = threading.Lock()
         self._closed = False
+        if cap == "settings":
+            from billing.gateway_cap import cap_from_settings
+
+            cap = cap_from_settings()
+        self._cap: InFlightCap | None = cap
 
     def _transport(self) -> httpx.BaseTransport:
         """The calling thread's transport (or the injected one, shared)."""
@@ -256,7 +270,9 @@ class FatoraClient:
             "fcm_token": fcm_token,
         }
         with self._redacting():
-            envelope = self._envelope(self._post("/payments/checkout", fields, order_id=order_id))
+            envelope = self._envelope(
+                self._post("/payments/checkout", fields, call="checkout", order_id=order_id)
+            )
             return parse_checkout(envelope)
 
     def collect_payment(
@@ -275,7 +291,9 @@ class FatoraClient:
             "currency": currency.upper(),
         }
         with self._redacting(card_token):
-            response = self._post("/payments/collect-payment", fields, order_id=order_id)
+            response = self._post(
+                "/payments/collect-payment", fields, call="collect", order_id=order_id
+            )
             envelope = self._envelope(response, charge=True, accept=_is_pending)
             try:
                 result = parse_collect(envelope, order_id=order_id)
@@ -296,7 +314,7 @@ class FatoraClient:
             "transaction_id": transaction_id,
         }
         with self._redacting():
-            response = self._post("/payments/verify", fields, order_id=order_id)
+            response = self._post("/payments/verify", fields, call="verify", order_id=order_id)
             envelope = self._envelope(response, accept=carries_payment)
             payment = parse_payment(envelope, order_id=order_id)
             if (
@@ -315,18 +333,19 @@ class FatoraClient:
             "order_id": _required(order_id, "order_id"),
         }
         with self._redacting():
-            response = self._post(_REFUND_PATH, fields, order_id=order_id)
+            response = self._post(_REFUND_PATH, fields, call="refund", order_id=order_id)
             if response.status_code == 404:
                 # The heading URL may simply not exist; a 404 there changed nothing, so trying
                 # the code samples' URL cannot refund twice.
-                response = self._post(self._refund_fallback_url(), fields, order_id=order_id)
+                fallback = self._refund_fallback_url()
+                response = self._post(fallback, fields, call="refund", order_id=order_id)
             return parse_refund(self._envelope(response))
 
     def deactivate_token(self, card_token: str) -> None:
         """Deactivate a stored card token. Already deactivated (HTTP 422) counts as done."""
         fields: dict[str, _Json] = {"card_token": _required(card_token, "card_token")}
         with self._redacting(card_token):
-            response = self._post(self._deactivate_path, fields, order_id=None)
+            response = self._post(self._deactivate_path, fields, call="deactivate", order_id=None)
             if response.status_code == 422:
                 return
             self._envelope(response)
@@ -351,12 +370,23 @@ class FatoraClient:
         return str(self._base_url.copy_with(path=prefix + _REFUND_FALLBACK_PATH))
 
     def _post(
-        self, path: str, fields: Mapping[str, _Json], *, order_id: str | None
+        self, path: str, fields: Mapping[str, _Json], *, call: str, order_id: str | None
     ) -> httpx.Response:
+        """Send one request; every gateway call passes here. Under a gateway cap, the request
+        is sent only once it holds a slot: else ``GatewayBusy``, a request that never left."""
         url = self._url(path)
         body = encode_body(fields)
+        if self._cap is None:
+            return self._send(url, body, call=call, order_id=order_id)
+        with self._cap.slot(call):
+            return self._send(url, body, call=call, order_id=order_id)
+
+    def _send(
+        self, url: httpx.URL, body: bytes, *, call: str, order_id: str | None
+    ) -> httpx.Response:
         started = time.perf_counter()
         outcome: str = "error"
+        result = "error"
         request = httpx.Request(
             "POST", url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
         )
@@ -367,26 +397,32 @@ class FatoraClient:
             finally:
                 response.close()
             outcome = str(response.status_code)
+            result = metrics.http_result(response.status_code)
             return response
         except httpx.TimeoutException as exc:
             outcome = type(exc).__name__
+            result = "timeout"
             raise GatewayTimeout(
                 f"no answer in time ({outcome})", answer=_transport_answer(exc)
             ) from exc
         except httpx.DecodingError as exc:
-            outcome = type(exc).__name__
+            outcome, result = type(exc).__name__, "decode_error"
             raise MalformedResponse("response could not be decoded") from exc
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
             # Raised before anything reaches the gateway: our configuration is wrong.
-            outcome = type(exc).__name__
+            outcome, result = type(exc).__name__, "not_sent"
             raise RequestRejected(f"request not sent ({outcome})", answer=Answer.NOT_SENT) from exc
         except httpx.TransportError as exc:
             outcome = type(exc).__name__
+            not_sent = _transport_answer(exc) is Answer.NOT_SENT
+            result = "connect_error" if not_sent else "connection_error"
             raise GatewayConnectionError(
                 f"connection failed ({outcome})", answer=_transport_answer(exc)
             ) from exc
         finally:
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            elapsed_s = time.perf_counter() - started
+            metrics.gateway_request(call, result, elapsed_s)
+            elapsed_ms = elapsed_s * 1000
             level = logging.INFO if outcome.startswith("2") else logging.WARNING
             logger.log(
                 level,

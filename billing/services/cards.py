@@ -43,6 +43,7 @@ from billing.services.events import record_event
 
 log = logging.getLogger("billing.cards")
 
+
 def notice_period() -> timedelta:
     from billing.config import get_settings
 

@@ -32,6 +32,7 @@ from typing import TypeVar
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from billing import metrics
 from billing.attempts import (
     SEND_WINDOW,
     UNRESOLVED,
@@ -889,6 +890,7 @@ def _record(
             if outcome.card_token is not None and word == "paid":
                 adopt_card(rt, session, invoice, attempt, outcome.card_token, now)
             report.note(invoice.id, word)
+            metrics.charge_recorded(session, outcome.status, call.currency, call.amount)
         del subs  # held so that the session's (weak) identity map keeps them for session.get
 
 

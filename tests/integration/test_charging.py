@@ -386,14 +386,20 @@ def test_an_invoice_of_a_canceled_subscription_is_voided_not_charged(
 def test_token_expiry_sweep_warns_once_before_a_renewal_after_expiry(
     rt: Runtime, sandbox: Sandbox, clock: FixedClock
 ) -> None:
-    """A token dies six months after issue: the customer is warned once, ahead of the charge."""
-    from billing.services.cards import sweep_expiring_tokens
+    """A token dies six months after issue: the customer is warned once, a notice period ahead
+    of the renewal that falls after its expiry."""
+    from billing.services.cards import notice_period, sweep_expiring_tokens
 
     seed_plans(rt)
-    subscriber(rt, sandbox, ["success"])
+    sub_id = subscriber(rt, sandbox, ["success"])
     for _ in range(6):
         renew(rt)
         clock.advance(timedelta(days=31))
     renew(rt)
+    due = subscription_of(rt, sub_id).next_billing_at
+    assert due is not None
+    clock.advance(due - notice_period() - clock.now() - timedelta(days=1))
+    assert sweep_expiring_tokens(rt) == 0  # not yet: the renewal is further than the notice
+    clock.advance(timedelta(days=2))
     assert sweep_expiring_tokens(rt) == 1
     assert sweep_expiring_tokens(rt) == 0
