@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from sqlalchemy import select
 
 from billing import serialize
@@ -135,7 +135,10 @@ def cards_add(
             help="Read the card token from the environment variable NAME.",
         ),
     ] = None,
-    issued_at: Annotated[str | None, typer.Option("--issued-at")] = None,
+    issued_at: Annotated[
+        datetime | None,
+        typer.Option("--issued-at", parser=parse_instant, metavar="TIME", help="ISO 8601."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Store a card token obtained out of band (encrypted); prints the card id.
@@ -154,7 +157,7 @@ def cards_add(
             customer=owner,
             token=card_token,
             now=now,
-            issued_at=parse_instant(issued_at) if issued_at else None,
+            issued_at=issued_at,
         )
         record = serialize.card(card)
     emit(record, as_json, str(record["id"]))
@@ -199,12 +202,11 @@ def customers_show(
         emit(record, True, "")
         return
     lines = [
-        f"customer {record['id']} ({escape(who.external_id)}): {escape(who.name)} "
-        f"<{escape(who.email)}>, {who.language}, {who.timezone}"
-        + (", push on" if record["push"] else ""),
+        f"customer {record['id']} ({who.external_id}): {who.name} "
+        f"<{who.email}>, {who.language}, {who.timezone}" + (", push on" if record["push"] else ""),
     ]
     for c in record["cards"]:
-        reason = f" ({escape(c['status_reason'])})" if c["status_reason"] else ""
+        reason = f" ({c['status_reason']})" if c["status_reason"] else ""
         lines.append(f"  card {c['id']}: {c['status']}{reason}, expires {c['expires_at']}")
     for sub in record["subscriptions"]:
         lines.append(

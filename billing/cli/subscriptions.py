@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,7 +16,7 @@ from billing.cli.base import (
     emit,
     fail,
     invoices_app,
-    out,
+    say,
     subs_app,
     table,
     unit_of_work,
@@ -34,7 +33,10 @@ def subs_create(
     customer: Annotated[str, typer.Option("--customer", help="The customer's external id.")],
     plan: Annotated[str, typer.Option("--plan")],
     card: Annotated[int | None, typer.Option("--card")] = None,
-    start: Annotated[str | None, typer.Option("--start")] = None,
+    start: Annotated[
+        datetime | None,
+        typer.Option("--start", parser=parse_instant, metavar="TIME", help="ISO 8601."),
+    ] = None,
     trial_days: Annotated[int | None, typer.Option("--trial-days")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -48,7 +50,7 @@ def subs_create(
             customer=customer_by_external_id(session, customer),
             plan=subs.plan_by_code(session, plan),
             card=card_of(session, card) if card is not None else None,
-            start=parse_instant(start) if start else None,
+            start=start,
             trial_days=trial_days,
             now=now,
         )
@@ -152,22 +154,19 @@ def subs_show(sub_id: int, as_json: JsonOpt = False) -> None:
     if as_json:
         emit(record, True, "")
         return
-    out.print(
+    say(
         f"subscription {record['id']}  {record['status']}  plan {record['plan']}  "
-        f"customer {record['customer']}  next billing {record['next_billing_at']}",
-        highlight=False,
+        f"customer {record['customer']}  next billing {record['next_billing_at'] or 'none'}"
     )
     for item in record["invoices"]:
-        out.print(
+        say(
             f"  invoice {item['id']}  {item['period_start']} .. {item['period_end']}  "
-            f"{item['amount']} {item['currency']}  {item['status']}",
-            highlight=False,
+            f"{item['amount']} {item['currency']}  {item['status']}"
         )
         for a in item["attempts"]:
-            out.print(
+            say(
                 f"    attempt {a['id']}  order {a['order_id']}  {a['status']}  "
-                f"{a['classification'] or ''} {a['description'] or ''}",
-                highlight=False,
+                f"{a['classification'] or ''} {a['description'] or ''}"
             )
 
 
@@ -226,17 +225,16 @@ def invoices_show(invoice_id: int, as_json: JsonOpt = False) -> None:
         f"invoice {record['id']}: {record['amount']} {record['currency']} {record['status']}, "
         f"period {record['period_start']} to {record['period_end']}",
         f"  subscription {sub['id']} ({sub['plan']}, {sub['status']}), customer "
-        f"{escape(str(sub['customer']))}",
+        f"{sub['customer']!s}",
         f"  attempts {record['attempt_count']}, declines {record['failure_count']}, "
         f"next attempt {record['next_attempt_at'] or 'none'}, paid {record['paid_at'] or 'no'}",
     ]
     if record["quarantined_at"]:
         lines.append(
-            f"  set aside since {record['quarantined_at']}: "
-            f"{escape(str(record['quarantine_reason']))}"
+            f"  set aside since {record['quarantined_at']}: {record['quarantine_reason']!s}"
         )
     for a in record["attempts"]:
-        answer = f": {escape(a['description'])}" if a["description"] else ""
+        answer = f": {a['description']}" if a["description"] else ""
         card = f" card {a['card_id']}" if a["card_id"] else ""
         lines.append(
             f"  {a['created_at']}  {a['kind']} {a['order_id']}{card}  {a['status']}"
@@ -245,7 +243,7 @@ def invoices_show(invoice_id: int, as_json: JsonOpt = False) -> None:
     for e in record["events"]:
         lines.append(
             f"  {e['created_at']}  {e['kind']}  {e['status']}"
-            + (f"  {escape(e['last_error'])}" if e["last_error"] else "")
+            + (f"  {e['last_error']}" if e["last_error"] else "")
         )
     emit(record, False, "\n".join(lines))
 
