@@ -52,6 +52,7 @@ from billing.fatora.answers import Call, Money, Then, reads_as_auth, verdict
 from billing.fatora.errors import Declined, FatoraError, OutcomeUnknown
 from billing.fatora.retry import retry_decision
 from billing.fatora.types import DeclineKind, Payment, PaymentStatus
+from billing.gateway_cap import GatewayBusy
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 from billing.locks import Held
 from billing.models import Base, CardStatus, CardToken, ChargeAttempt, Event, Invoice, Subscription
@@ -1207,9 +1208,16 @@ def _schedule_transient_retry(
     TRANSIENT_LIMIT failures, while other customers are being charged (so the gateway works),
     the card is at fault and the invoice takes a dunning step: never an endless quiet loop.
     The count is kept until the invoice is paid or takes a dunning step."""
-    invoice.transient_count += 1
     invoice.updated_at = now
     error = outcome.error if isinstance(outcome.error, FatoraError) else _NeverArrived()
+    if isinstance(error, GatewayBusy):
+        # Held back by our own cap on calls in flight: neither the card's fault nor the
+        # gateway's, so it counts toward nothing (no dunning step can come of it).
+        delay = retry_decision(error, 1).delay_s or 5.0
+        invoice.next_attempt_at = now + timedelta(seconds=delay)
+        report.retry_in[invoice.id] = round(delay, 3)
+        return "retry"
+    invoice.transient_count += 1
     decision = retry_decision(error, invoice.transient_count)
     if decision.retry and decision.delay_s is not None:
         invoice.next_attempt_at = now + timedelta(seconds=decision.delay_s)

@@ -218,6 +218,8 @@ def test_a_charge_without_redis_is_recorded_never_sent_and_charged_once_redis_is
     assert sandbox.charges() == []
     invoice = invoice_of(rt, invoice_id)
     assert invoice.status == InvoiceStatus.OPEN.value and invoice.next_attempt_at is not None
+    # Our own cap held it back: it counts toward no dunning step, however long it lasts.
+    assert (invoice.transient_count, invoice.failure_count) == (0, 0)
 
     # Redis is back: the retry charges it, once.
     rt.gateway = FatoraClient(
