@@ -275,6 +275,7 @@ def world(
             "BILLING_WEBHOOK_URL": hooks.url,
             "BILLING_WEBHOOK_SECRET": SECRET,
             "BILLING_CARD_EXPIRY_NOTICE_DAYS": "14",
+            "BILLING_METRICS_PORT": "0",
             "FATORA_BASE_URL": gateway_server.url.rstrip("/") + "/v1",
             "FATORA_MODE": "test",
             "FATORA_TIMEOUT_S": "2",
@@ -446,6 +447,7 @@ def test_a_worker_killed_mid_delivery_sends_each_message_once(
             "BILLING_SMTP_URL": f"smtp://127.0.0.1:{port}",
             "BILLING_WEBHOOK_URL": hooks.url,
             "BILLING_WEBHOOK_SECRET": SECRET,
+            "BILLING_METRICS_PORT": "0",
             "FATORA_BASE_URL": gateway_server.url.rstrip("/") + "/v1",
         }
         services = Services(env)

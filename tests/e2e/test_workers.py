@@ -138,6 +138,7 @@ def workers(
         "BILLING_TOKEN_KEY": token_key,
         "BILLING_UNKNOWN_GRACE_S": str(GRACE_S),
         "BILLING_CHARGE_BATCH_SIZE": "10",
+        "BILLING_METRICS_PORT": "0",  # several workers on one host: none serves /metrics
         "FATORA_BASE_URL": gateway_server.url.rstrip("/") + "/v1",
         "FATORA_MODE": "test",
         "FATORA_TIMEOUT_S": "1",
