@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,7 +31,7 @@ import httpx
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 
 from billing.clock import DatabaseClock
 from billing.dunning import DunningPolicy, FinalAction
@@ -71,20 +72,25 @@ def _plans() -> PlansConfig:
 
 
 class Services:
-    """Worker processes on every queue, and ``billing web``."""
+    """Worker processes on every queue, and ``billing web``; what they print goes to files in
+    ``log_dir`` (when given), for the secret scan."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path | None = None) -> None:
         self.env = env
+        self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def _start(self, *args: str) -> subprocess.Popen[bytes]:
+        output: Any = subprocess.DEVNULL
+        if self.log_dir is not None:
+            output = (self.log_dir / f"{len(self.procs)}-{args[0]}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", *args],
             cwd=ROOT,
             env=self.env,
             start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
         self.procs.append(proc)
         return proc
@@ -101,7 +107,7 @@ class Services:
             "2",
             "-n",
             f"{name}@%h",
-            "--loglevel=WARNING",
+            "--loglevel=INFO",
             "--without-mingle",
             "--without-gossip",
         )
@@ -224,6 +230,53 @@ class World:
             )
         assert {str(c["order_id"]) for c in taken} == on_record, "a charge is not on record"
 
+    def assert_no_secret_anywhere(self) -> None:
+        """No card token, API key or token key in clear: not in what the workers and the web
+        app logged, not in Redis (task messages, results), not in any table (the encrypted
+        tokens aside), not in an email or a webhook body."""
+        secrets = [*self.server.sandbox.issued_tokens(), self.server.sandbox.api_key]
+        secrets.append(self.services.env["BILLING_TOKEN_KEY"])
+        assert len(secrets) > 6
+        places: dict[str, str] = {}
+        assert self.services.log_dir is not None
+        for path in self.services.log_dir.iterdir():
+            places[f"log {path.name}"] = path.read_text(errors="replace")
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter():
+            kind = client.type(key).decode()
+            if kind == "string":
+                value = client.get(key) or b""
+            elif kind == "list":
+                value = b"".join(client.lrange(key, 0, -1))
+            elif kind == "hash":
+                value = b"".join(k + v for k, v in client.hgetall(key).items())
+            elif kind == "zset":
+                value = b"".join(client.zrange(key, 0, -1))
+            elif kind == "set":
+                value = b"".join(client.smembers(key))
+            else:
+                value = b""
+            places[f"redis {key.decode(errors='replace')}"] = value.decode(errors="replace")
+        with self.rt.engine.connect() as conn:
+            tables = conn.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            ).scalars()
+            for table in list(tables):
+                rows = conn.execute(text(f'SELECT t::text FROM "{table}" t')).scalars()
+                places[f"table {table}"] = "\n".join(rows)
+        for i, message in enumerate(self.inbox.messages):
+            places[f"email {i}"] = message.as_string()
+        for i, request in enumerate(self.hooks.requests):
+            places[f"webhook {i}"] = request.body.decode(errors="replace")
+        assert any("celery-task-meta" in p for p in places)  # results were there to scan
+        found = [
+            (where, secret[:4] + "...")
+            for where, content in places.items()
+            for secret in secrets
+            if secret in content
+        ]
+        assert found == [], found
+
     def assert_every_message_once(self) -> None:
         """Each event that concerns a customer reached their inbox exactly once, and each
         event the merchant gets reached the webhook exactly once."""
@@ -259,8 +312,11 @@ def world(
     gateway_server: ServerHandle,
     token_key: str,
     broker: Celery,
+    tmp_path: Path,
 ) -> Iterator[World]:
     web_port = free_port()
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
     with smtp_server() as (inbox, smtp_port), http_endpoint(Endpoint()) as hooks:
         env = {
             **os.environ,
@@ -280,7 +336,7 @@ def world(
             "FATORA_MODE": "test",
             "FATORA_TIMEOUT_S": "2",
         }
-        services = Services(env)
+        services = Services(env, log_dir)
         rt = _runtime(clean_db, gateway_server, token_key)
         DatabaseClock(clean_db).set(START - timedelta(hours=1))
         seed_plans(rt, _plans())
@@ -413,6 +469,7 @@ def test_the_ladder_the_link_and_the_final_action_with_real_workers(world: World
     world.deliver()
     world.assert_each_invoice_paid_at_most_once()
     world.assert_every_message_once()
+    world.assert_no_secret_anywhere()
 
 
 class SlowInbox(Inbox):

@@ -434,6 +434,12 @@ class Sandbox:
         with self._lock:
             return self._new_token(behaviour, issued_at or self._now(), currency).value
 
+    def issued_tokens(self) -> list[str]:
+        """Every card token issued here (by issue_token or a saved checkout): what a test scans
+        logs, queues and tables for."""
+        with self._lock:
+            return list(self._tokens)
+
     def token_deactivated(self, token: str) -> bool:
         """Whether a token issued here has been deactivated (a test's view of the gateway)."""
         with self._lock:
