@@ -31,10 +31,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
+from babel.core import get_global
+from babel.numbers import get_territory_currencies
+
 from billing.dunning import STANDARD, DunningPolicy, FinalAction, retry_days_problem
-from billing.money import UnknownCurrency, normalize_currency, parse_amount, parse_decimal
+from billing.money import (
+    UnknownCurrency,
+    format_money,
+    from_minor,
+    normalize_currency,
+    parse_amount,
+    parse_decimal,
+    to_minor,
+)
 from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, validate_cron
 
 __all__ = [
@@ -55,6 +67,14 @@ _PLAN_KEYS = frozenset(
 _DUNNING_KEYS = frozenset({"retry_after_days", "final_action"})
 _TOP_LEVEL = ("plans", "dunning")
 
+# What the database and the calendar can hold (the plans, plan_prices and dunning_policies
+# columns; dates end in year 9999): a file past these is refused here, not half-written later.
+_MAX_CODE, _MAX_NAME, _MAX_CRON = 64, 200, 120
+_MAX_MINOR = 2**63 - 1  # plan_prices.amount_minor is a BIGINT
+_MAX_DAYS = 36_500  # trial_days and dunning offsets: a hundred years
+_MAX_COUNT = {"day": 36_500, "week": 5_200, "month": 1_200, "year": 100}  # a hundred years
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # NUL breaks PostgreSQL text
+
 _Fail = Callable[[str, str], None]
 
 
@@ -69,6 +89,8 @@ class PlanIssue:
 
     def __str__(self) -> str:
         where = ".".join(part for part in (self.entry, self.field) if part)
+        if not where.isprintable():
+            where = repr(where)  # a key with control characters must not drive the terminal
         return f"{self.file}: {where}: {self.message}" if where else f"{self.file}: {self.message}"
 
 
@@ -128,26 +150,84 @@ def load_plans(path: str | os.PathLike[str]) -> PlansConfig:
     source = os.fspath(path)
     try:
         with open(source, "rb") as handle:
-            text = handle.read().decode("utf-8")
+            data = handle.read()
     except OSError as error:
         raise PlansFileError(
             [PlanIssue(source, None, None, f"cannot read: {error.strerror}")]
         ) from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise PlansFileError(
-            [PlanIssue(source, None, None, f"not UTF-8: {error.reason}")]
-        ) from None
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            message = "not UTF-8 but UTF-16: save the file as UTF-8"
+        else:
+            before = data[: error.start]
+            line = before.count(b"\n") + 1
+            column = error.start - (before.rfind(b"\n") + 1) + 1
+            where = _where(before.decode("utf-8", "replace"), line)
+            message = f"not UTF-8: {error.reason} (at line {line}, column {column}){where}"
+        raise PlansFileError([PlanIssue(source, None, None, message)]) from None
     return parse_plans(text, source)
 
 
 def parse_plans(text: str, source: str) -> PlansConfig:
     """Validate plans-file ``text``; ``source`` names the file in error messages."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write is no mistake
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         # The message carries "(at line N, column M)"; duplicate tables and keys land here too.
-        raise PlansFileError([PlanIssue(source, None, None, f"invalid TOML: {error}")]) from None
+        found = re.search(r"at line (\d+)", str(error))
+        where = _where(text, int(found.group(1))) if found else ""
+        message = f"invalid TOML: {error}{where}"
+        raise PlansFileError([PlanIssue(source, None, None, message)]) from None
+    except (ValueError, RecursionError) as error:
+        # What tomllib lets through: an integer past Python's digit limit, or arrays and inline
+        # tables nested deeper than the parser's recursion allows.
+        # Neither says where: blame the line with the most brackets, or the longest number.
+        deep = isinstance(error, RecursionError)
+        why = "arrays or tables nested too deeply" if deep else "a number with too many digits"
+        lines = text.split("\n")
+
+        def weight(number: int) -> int:
+            content = lines[number - 1]
+            if deep:
+                return content.count("[") + content.count("{")
+            return max(map(len, re.findall(r"[0-9_]+", content)), default=0)
+
+        line = max(range(1, len(lines) + 1), key=weight)
+        message = f"invalid TOML: {why} (at line {line}){_where(text, line)}"
+        raise PlansFileError([PlanIssue(source, None, None, message)]) from None
     return _Validator(source).run(document)
+
+
+_HEADER_RE = re.compile(r"\s*\[+\s*([^\]#]*?)\s*(?:\]|#|$)")
+_LEADING_KEY_RE = re.compile(r"\s*([A-Za-z0-9_-]+)")
+
+
+def _where(text: str, line: int) -> str:
+    """Where a mistake on ``line`` of ``text`` is, as ``", in 'ENTRY.FIELD'"``: the table header
+    above it and the key the line starts with, as far as a file that does not parse tells."""
+    lines = text.split("\n")[:line]
+    entry = None
+    for content in lines:
+        header = _HEADER_RE.match(content)
+        if header:
+            entry = re.sub(r"\s*\.\s*", ".", header.group(1)) or entry
+    key = _LEADING_KEY_RE.match(lines[-1]) if lines and not _HEADER_RE.match(lines[-1]) else None
+    where = ".".join(part for part in (entry, key.group(1) if key else None) if part)
+    return f", in {where!r}" if where else ""
+
+
+@cache
+def _tender() -> frozenset[str]:
+    """The currencies legal tender in some territory today, by CLDR (through Babel): the codes
+    Babel knows also name dead currencies (DEM, VEF), metals (XAU), test and no-currency codes
+    (XTS, XXX), none of which a card is charged in."""
+    territories = get_global("territory_currencies")
+    return frozenset(
+        code for territory in territories for code in get_territory_currencies(territory)
+    )
 
 
 def _type_name(value: object) -> str:
@@ -158,7 +238,7 @@ def _type_name(value: object) -> str:
         str: "a string",
         list: "an array",
         dict: "a table",
-    }.get(type(value), type(value).__name__)
+    }.get(type(value), f"a {type(value).__name__}")
 
 
 def _is_int(value: object) -> bool:
@@ -211,6 +291,8 @@ class _Validator:
             entry = f"{section}.{code}"
             if not CODE_RE.fullmatch(code):
                 self.error(entry, None, f"code {code!r} must match {CODE_RE.pattern}")
+            elif len(code) > _MAX_CODE:
+                self.error(entry, None, f"code is {len(code)} characters long, at most {_MAX_CODE}")
             if code.lower() in seen:
                 first = seen[code.lower()]
                 self.error(entry, None, f"code {code!r} duplicates {first!r} (case-insensitive)")
@@ -239,6 +321,9 @@ class _Validator:
                 problem = retry_days_problem(days)
                 if problem:
                     self.error(entry, "retry_after_days", problem)
+                elif max(days) > _MAX_DAYS:
+                    most = f"days must be at most {_MAX_DAYS}, got {max(days)}"
+                    self.error(entry, "retry_after_days", most)
             action = body.get("final_action")
             if action is None:
                 self.error(entry, "final_action", "missing required key")
@@ -275,6 +360,10 @@ class _Validator:
         name = body.get("name")
         if "name" in body and (not isinstance(name, str) or not name.strip()):
             fail("name", "name must be a non-empty string")
+        elif isinstance(name, str) and len(name.strip()) > _MAX_NAME:
+            fail("name", f"name is {len(name.strip())} characters long, at most {_MAX_NAME}")
+        elif isinstance(name, str) and any(ch < " " or ch == "\x7f" for ch in name):
+            fail("name", "name must not contain control characters (tabs, line breaks, NUL...)")
 
         currency: str | None = None
         if "currency" in body:
@@ -286,6 +375,10 @@ class _Validator:
                     currency = normalize_currency(raw)
                 except UnknownCurrency as error:
                     fail("currency", str(error))
+                else:
+                    if currency not in _tender():
+                        fail("currency", f"{currency} is not legal tender anywhere today")
+                        currency = None
 
         amount = _amount(body, currency, fail)
         interval, cron = self.timing(body, fail)
@@ -297,10 +390,15 @@ class _Validator:
             fail(
                 "interval_count", f"interval_count must be an integer >= 1, got {interval_count!r}"
             )
+        elif interval is not None and interval_count > _MAX_COUNT[interval.value]:
+            most = f"at most {_MAX_COUNT[interval.value]} for a {interval.value} plan"
+            fail("interval_count", f"interval_count must be {most}, got {interval_count}")
 
         trial_days = body.get("trial_days", 0)
         if not _is_int(trial_days) or trial_days < 0:
             fail("trial_days", f"trial_days must be an integer >= 0, got {trial_days!r}")
+        elif trial_days > _MAX_DAYS:
+            fail("trial_days", f"trial_days must be at most {_MAX_DAYS}, got {trial_days}")
 
         dunning = body.get("dunning", STANDARD.code)
         if not isinstance(dunning, str):
@@ -312,6 +410,8 @@ class _Validator:
         description = body.get("description")
         if description is not None and not isinstance(description, str):
             fail("description", f"description must be a string, not {_type_name(description)}")
+        elif description is not None and _CONTROL_RE.search(description):
+            fail("description", "description must not contain control characters (NUL...)")
 
         if self.has_issue(entry):
             return None
@@ -349,6 +449,8 @@ class _Validator:
             raw = body["cron"]
             if not isinstance(raw, str):
                 fail("cron", f"cron must be a string, not {_type_name(raw)}")
+            elif len(raw.strip()) > _MAX_CRON:
+                fail("cron", f"cron is {len(raw.strip())} characters long, at most {_MAX_CRON}")
             else:
                 try:
                     validate_cron(raw)
@@ -372,13 +474,21 @@ def _amount(body: Mapping[str, Any], currency: str | None, fail: _Fail) -> Decim
     if not isinstance(raw, str):
         fail("amount", f'amount must be a decimal string such as "50.00", not {_type_name(raw)}')
         return None
+    if len(raw) > len(str(_MAX_MINOR)) + 2:  # the digits and a point, whatever the currency
+        fail("amount", f"amount has {len(raw)} characters: no currency allows that many digits")
+        return None
     try:
         if currency is None:
             # The decimals depend on the currency, which is reported on its own; still check the
             # syntax and the sign so that every mistake shows up in one pass.
             parse_decimal(raw)
             return None
-        return parse_amount(raw, currency)
+        amount = parse_amount(raw, currency)
+        if to_minor(amount, currency) > _MAX_MINOR:
+            most = format_money(from_minor(_MAX_MINOR, currency), currency)
+            fail("amount", f'amount "{raw}" is too large: at most {most}')
+            return None
+        return amount
     except ValueError as error:
         fail("amount", str(error))
         return None
