@@ -290,6 +290,8 @@ def decline_words(text: str) -> Answer | None:
 
 
 _FINAL_REJECTIONS = frozenset({400, 406, 415, 422})
+# Words of an envelope or a payment status that report money taken (or being taken).
+_MONEY_WORDS = frozenset({"SUCCESS", "PENDING"})
 
 
 def classify(
@@ -335,6 +337,8 @@ def classify(
             return Answer.UNCLEAR
         return Answer.NOT_FOUND if reads_as_not_found(text) else Answer.UNCLEAR
     if 400 <= status < 500:
+        if envelope_word in _MONEY_WORDS or payment_word in _MONEY_WORDS:
+            return Answer.UNCLEAR  # an error status over a body that reports money: not final
         if call is Call.COLLECT:
             words = decline_words(text)
             if words is not None:

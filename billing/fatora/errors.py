@@ -294,4 +294,10 @@ def error_from_response(
         Answer.NOT_FOUND: PaymentNotFound,
         Answer.REJECTED: Unprocessable if status == 422 else RequestRejected,
     }
-    return error_class[answer](desc, http_status=status, error_code=code)
+    final = error_class.get(answer)
+    if final is None:
+        # An answer the caller did not expect here (a PENDING or SUCCESS envelope with no
+        # payment in it): its outcome is not known, whatever the answer table says of it.
+        text = desc or f"unexpected {answer.value} answer (HTTP {status})"
+        return UnclearAnswer(text, http_status=status, error_code=code, answer=answer)
+    return final(desc, http_status=status, error_code=code)

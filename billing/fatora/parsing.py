@@ -331,6 +331,7 @@ def parse_payment(body: bytes | Envelope, *, order_id: str | None = None) -> Pay
     return Payment(
         status=status,
         order_id=_order_id(result, order_id),
+        order_named=_text(result, "orderid", field="order_id", ints=True) is not None,
         transaction_id=_text(result, "transactionid", "transid", field="transaction_id", ints=True),
         amount=_amount(result, "amount", "paymentamount"),
         currency=currency.strip().upper() if currency else None,
@@ -485,8 +486,9 @@ def parse_redirect_params(query: str) -> RedirectParams:
     A full URL is accepted too (its query part is used). Two spellings carrying different
     values raise ValueError: a redirect is untrusted, and ambiguity should not be guessed at.
     """
-    if "?" in query:
-        query = query.split("?", 1)[1]
+    head, mark, rest = query.partition("?")
+    if mark and "=" not in head and "&" not in head:
+        query = rest  # a URL (or a query with its "?"): a "?" after that is part of a value
     query = query.split("#", 1)[0]
     found: dict[str, str] = {}
     for part in query.split("&"):

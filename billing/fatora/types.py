@@ -40,6 +40,9 @@ class Payment:
 
     status: PaymentStatus
     order_id: str
+    # False when the answer did not name its order (order_id is then the one asked about): such
+    # a SUCCESS confirms nothing.
+    order_named: bool = True
     transaction_id: str | None = None
     amount: Decimal | None = None
     currency: str | None = None

@@ -515,6 +515,9 @@ def _judge(rt: Runtime, call: _Call, payment: Payment) -> Outcome:
         "mode": payment.mode,
     }
     if payment.status is PaymentStatus.SUCCESS:
+        if not payment.order_named:
+            # A success that does not say for which order proves nothing: asked again later.
+            return call.outcome(AttemptStatus.UNKNOWN, description="verify named no order")
         expected = Expected(call.order_id, call.amount, call.currency, rt.live_gateway)
         reason = payment_mismatch(expected, payment)
         if reason is not None:

@@ -357,6 +357,8 @@ def _status_of(
     rt: Runtime, invoice: Invoice, order_id: str, payment: Payment
 ) -> tuple[AttemptStatus, str]:
     if payment.status is PaymentStatus.SUCCESS:
+        if not payment.order_named:
+            return AttemptStatus.PENDING, "unconfirmed"  # verified again before anything else
         expected = Expected(
             order_id,
             from_minor(invoice.amount_minor, invoice.currency),

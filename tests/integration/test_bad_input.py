@@ -447,14 +447,6 @@ def _weather(rt: Runtime, sandbox: Sandbox, storm: Storm, clock: FixedClock) -> 
     return invoice_id
 
 
-# Answers the client reads as a payment for the order it asked about although they do not name
-# the order: the parser fills the order id in from the request (billing/fatora/parsing.py).
-UNNAMED_ORDER = {"missing-order-id"}
-# A 2xx PENDING envelope without a payment on verify: error_from_response raises a KeyError out
-# of the client; the charge path keeps the attempt unknown, but logs it as a crash.
-PENDING_WITHOUT_PAYMENT = {"pending-envelope-no-payment"}
-
-
 # Every status class and the odd codes; the unit tests (test_gateway_corpus) take every code.
 STATUS_SAMPLE = frozenset((100, 201, 204, 302, 402, 404, 422, 451, 503, 599, 999))
 
@@ -467,22 +459,6 @@ def _gateway_cases() -> list[Any]:
             continue
         for target in TARGETS:
             marks = []
-            if target == "verify" and answer.name in UNNAMED_ORDER:
-                marks.append(
-                    pytest.mark.xfail(
-                        strict=True,
-                        reason="a verify answer without an order id is taken as confirming the "
-                        "order asked about (parse_payment fills it in from the request)",
-                    )
-                )
-            if target == "verify" and answer.name in PENDING_WITHOUT_PAYMENT:
-                marks.append(
-                    pytest.mark.xfail(
-                        strict=True,
-                        reason="verify raises KeyError(Answer.PENDING) out of the client "
-                        "(error_from_response has no error class for PENDING)",
-                    )
-                )
             cases.append(pytest.param(answer, target, id=f"{answer.name}/{target}", marks=marks))
     return cases
 
