@@ -1,6 +1,7 @@
-# The billing image: one image for every process (worker, beat, flower, migrate, sandbox).
-# docker-compose.yml chooses the command; nothing secret is baked in: every key comes from the
-# environment at run time.
+# The billing image: one image for every process (worker, beat, web, flower, migrate, sandbox).
+# docker-compose.yml chooses the command and each service's health check (python, celery and
+# billing are all on the PATH; the checks need nothing else); nothing secret is baked in: every
+# key comes from the environment at run time.
 
 # -- build: wheels for the project and its dependencies ------------------------------------
 FROM python:3.11-slim AS build
@@ -13,7 +14,8 @@ COPY pyproject.toml README.md ./
 COPY billing ./billing
 COPY workers ./workers
 COPY schedules ./schedules
-RUN pip wheel --wheel-dir /wheels ".[flower]"
+# The project with all its dependencies, Flower among them (`celery -A workers.app flower`).
+RUN pip wheel --wheel-dir /wheels .
 
 # -- run -------------------------------------------------------------------------------------
 FROM python:3.11-slim
@@ -24,11 +26,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links=/wheels "fatora-billing[flower]" \
+RUN pip install --no-index --find-links=/wheels fatora-billing \
     && rm -rf /wheels \
     && useradd --create-home --home-dir /home/billing --uid 10001 --user-group billing
 
-# The working directory is the user's own: celery beat keeps its schedule file there.
+# The working directory is the user's own: celery beat keeps its schedule file there
+# (/home/billing/celerybeat-schedule, whose age is beat's health check).
 USER billing
 WORKDIR /home/billing
 COPY --chown=billing:billing plans.example.toml ./plans.example.toml

@@ -1,21 +1,23 @@
 """Thin Celery tasks: ids in, a billing service call, a summary out.
 
-Arguments are ids only (Flower shows them); nothing here decides anything about money. Every
-task is safe to run twice: the services lock and check state before acting.
+Arguments are ids only, passed by name (Flower shows ``{'invoice_ids': [1, 2]}``), and results
+are small JSON dicts of ids, counts and outcome words: an operator reads in Flower's task list
+which invoices a task took and what came of each. Nothing here decides anything about money.
+Every task is safe to run twice: the services lock and check state before acting.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from celery.result import AsyncResult
 
 from billing.runtime import get_runtime
-from billing.services.charging import collect_invoices
+from billing.services.charging import CollectionReport, collect_invoices
 from schedules.renewal import run_renewal_pass
 from schedules.sweeps import due_retries, run_janitor
 from workers.app import app
@@ -30,7 +32,7 @@ def enqueue_charges(
     size = get_runtime().charge_batch_size
     ids = sorted(set(invoice_ids))
     return [
-        charge_invoices.apply_async(args=[ids[i : i + size]], countdown=countdown)
+        charge_invoices.apply_async(kwargs={"invoice_ids": ids[i : i + size]}, countdown=countdown)
         for i in range(0, len(ids), size)
     ]
 
@@ -39,7 +41,19 @@ def enqueue_charges(
 def charge_invoices(invoice_ids: list[int]) -> dict[str, Any]:
     report = collect_invoices(get_runtime(), invoice_ids)
     enqueue_retries(report.retry_in)
-    return report.as_dict()
+    return charge_summary(invoice_ids, report)
+
+
+def charge_summary(invoice_ids: Sequence[int], report: CollectionReport) -> dict[str, Any]:
+    """A charge task's result: its invoices, how many came to each outcome (``paid``,
+    ``soft_declined``, ``unknown``...), then each invoice's outcome (``results``, which
+    ``billing tick --wait`` counts) and the quick retries queued (``retry_in``)."""
+    counts = Counter(report.results.values())
+    return {
+        "invoices": sorted(set(invoice_ids)),
+        **dict(sorted(counts.items())),
+        **report.as_dict(),
+    }
 
 
 def enqueue_retries(retry_in: dict[int, float]) -> None:
@@ -53,39 +67,41 @@ def enqueue_retries(retry_in: dict[int, float]) -> None:
 
 
 @app.task(name="billing.renew", ignore_result=True)
-def renew() -> dict[str, int]:
+def renew() -> dict[str, Any]:
     report = run_renewal_pass(get_runtime())
-    enqueue_charges(report.invoice_ids)
+    tasks = enqueue_charges(report.invoice_ids)
     return {
         "claimed": report.claimed,
-        "invoices": len(report.invoice_ids),
+        "invoices": sorted(report.invoice_ids),  # created, and queued for a charge
+        "charge_tasks": len(tasks),
         "quarantined": len(report.quarantined),
     }
 
 
 @app.task(name="billing.retry_due", ignore_result=True)
-def retry_due() -> int:
+def retry_due() -> dict[str, Any]:
     ids = due_retries(get_runtime())
-    enqueue_charges(ids)
-    return len(ids)
+    tasks = enqueue_charges(ids)
+    return {"invoices": sorted(ids), "charge_tasks": len(tasks)}
 
 
 @app.task(name="billing.janitor", ignore_result=True)
-def janitor() -> dict[str, int]:
+def janitor() -> dict[str, Any]:
     report = run_janitor(get_runtime())
     enqueue_retries(report.retry_in)  # invoices verify showed were never charged
     return {
-        "settled": len(report.settled),
-        "unresolved": len(report.still_unresolved),
+        "settled": {str(k): v for k, v in sorted(report.settled.items())},  # invoice: outcome
+        "requeued": sorted(report.retry_in),  # invoices queued for a new charge
+        "unresolved": len(report.still_unresolved),  # attempts verify could not settle yet
         "alerted": len(report.alerted),
     }
 
 
 @app.task(name="billing.token_expiry_sweep", ignore_result=True)
-def token_expiry_sweep() -> int:
+def token_expiry_sweep() -> dict[str, int]:
     from billing.services.cards import sweep_expiring_tokens
 
-    return sweep_expiring_tokens(get_runtime())
+    return {"card_expiring_notices": sweep_expiring_tokens(get_runtime())}
 
 
 @app.task(name="billing.deactivate_unneeded_tokens", ignore_result=True)
