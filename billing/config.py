@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import lru_cache
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -102,6 +102,9 @@ class BillingSettings(BaseSettings):
     # (or cannot reach Redis) is not sent, and fails as a request that never left.
     gateway_max_in_flight: int = Field(default=0, ge=0, le=100_000)
     gateway_cap_wait_s: float = Field(default=10.0, gt=0, le=60)
+    # How the worker, beat, `billing web` and `billing sandbox` write their log lines
+    # (billing/logs.py): text, or one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("database_url")
     @classmethod

@@ -314,6 +314,9 @@ class ChargeAttempt(Base):
 
 # The predicate of the index of the events still to deliver (0005_event_delivery repeats it).
 _UNDELIVERED_SQL = f"delivery_status = '{DeliveryStatus.PENDING.value}'"
+# The predicate of the index of the alerts not acknowledged yet (0008_alert_ack repeats it; the
+# alerts service queries with it, so that the index serves the query).
+OPEN_ALERTS_SQL = "kind LIKE 'alert.%' AND acked_at IS NULL"
 
 
 class Event(Base):
@@ -341,6 +344,11 @@ class Event(Base):
     next_delivery_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(String(500))
     failed_at: Mapped[datetime | None]
+    # An alert.* event is open until an operator acknowledges it (billing/services/alerts.py):
+    # when, by whom, and the note they gave.
+    acked_at: Mapped[datetime | None]
+    acked_by: Mapped[str | None] = mapped_column(String(120))
+    ack_note: Mapped[str | None] = mapped_column(String(500))
 
     __table_args__ = (
         CheckConstraint(_in("delivery_status", DeliveryStatus), name="delivery_status"),
@@ -351,6 +359,13 @@ class Event(Base):
             "id",
             postgresql_where=text(_UNDELIVERED_SQL),
             sqlite_where=text(_UNDELIVERED_SQL),
+        ),
+        # Open alerts (billing alerts list, billing status): a handful among all the events.
+        Index(
+            "ix_events_open_alerts",
+            "id",
+            postgresql_where=text(OPEN_ALERTS_SQL),
+            sqlite_where=text(OPEN_ALERTS_SQL),
         ),
     )
 

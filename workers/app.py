@@ -22,6 +22,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu.entity import Queue
 
+from billing import logs
 from billing.config import BillingSettings, SettingsError, get_settings
 from billing.runtime import ONE_PROCESS_POOLS, unlocked_worker_problem
 from schedules.beat import BEAT_SCHEDULE
@@ -227,5 +228,12 @@ def stop_metrics(**_: Any) -> None:
 
     metrics.stop_worker()
 
+
+# The worker and beat log through billing/logs.py (BILLING_LOG_FORMAT text or json, no secret in
+# a line) instead of Celery's own setup; every line a task logs carries its name and id.
+signals.celeryd_init.connect(logs.celery_worker_starting)
+signals.setup_logging.connect(logs.celery_setup_logging)
+signals.task_prerun.connect(logs.celery_task_started)
+signals.task_postrun.connect(logs.celery_task_ended)
 
 app = make_app()

@@ -12,10 +12,20 @@ from __future__ import annotations
 import os
 import sys
 
-from billing.cli import monitoring, operations, people, plans, schema, subscriptions
+from billing.cli import monitoring, operations, ops_status, people, plans, schema, subscriptions
 from billing.cli.base import app, error_line, fail
 
-__all__ = ["app", "main", "monitoring", "operations", "people", "plans", "schema", "subscriptions"]
+__all__ = [
+    "app",
+    "main",
+    "monitoring",
+    "operations",
+    "ops_status",
+    "people",
+    "plans",
+    "schema",
+    "subscriptions",
+]
 
 
 def main() -> None:

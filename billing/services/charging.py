@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextvars import copy_context
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -55,6 +56,7 @@ from billing.fatora.types import DeclineKind, Payment, PaymentStatus
 from billing.gateway_cap import GatewayBusy
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 from billing.locks import Held
+from billing.logs import bind_ids, conceal, log_context
 from billing.models import Base, CardStatus, CardToken, ChargeAttempt, Event, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
@@ -301,7 +303,7 @@ def _exchange(
     next_check = time.monotonic() + LOCK_CHECK_S
     try:
         for call in calls:
-            pending[pool.submit(run_one, call)] = call
+            pending[pool.submit(copy_context().run, run_one, call)] = call  # the bound log ids
         while pending:
             done, _ = wait(pending, timeout=RECORD_WITHIN_S, return_when=FIRST_COMPLETED)
             if done and not ready:
@@ -359,6 +361,7 @@ def _never_raising(exchange: Callable[[_Call], Outcome]) -> Callable[[_Call], Ou
     must not take the answers of the other calls down with it."""
 
     def run(call: _Call) -> Outcome:
+        bind_ids(invoice_id=call.invoice_id, attempt_id=call.attempt_id, order_id=call.order_id)
         try:
             return exchange(call)
         except Exception as exc:
@@ -609,8 +612,9 @@ def _write_ahead(
         batch = sorted(invoices.values(), key=lambda i: i.id)
         # A quarantined invoice due for its retry is expected to raise again.
         isolated = isolated or any(_quarantine_retry_due(i, now) for i in batch)
-        with session.no_autoflush:
+        with session.no_autoflush, log_context():
             for invoice in batch:
+                bind_ids(invoice_id=invoice.id, subscription_id=invoice.subscription_id)
                 if invoice.id in blocked:
                     continue  # its result (unknown, pending) was noted while settling
                 if invoice.quarantined_at is not None and not _quarantine_retry_due(invoice, now):
@@ -745,6 +749,7 @@ def _charge(rt: Runtime, call: _Call, run: _Run) -> Outcome:
     try:
         assert call.ciphertext is not None
         token = rt.vault.decrypt(call.ciphertext)
+        conceal(token)  # never in a log line, whatever raises with it
     except Exception as exc:
         log.error("attempt %s: the card token cannot be read (%s)", call.attempt_id, type(exc))
         return call.outcome(
@@ -876,12 +881,13 @@ def _record(
 ) -> None:
     """Write outcomes, with their subscriptions, invoices and attempts locked. An attempt that
     another worker has settled meanwhile is left alone (unless verify now finds its money)."""
-    with rt.sessions() as session, session.begin():
+    with rt.sessions() as session, session.begin(), log_context():
         now = rt.clock.now()
         subs, invoices = _lock_rows(session, (call.invoice_id for call, _ in results))
         attempts = _load(session, ChargeAttempt, (c.attempt_id for c, _ in results), lock=True)
         wall = datetime.now(UTC)
         for call, outcome in results:
+            bind_ids(invoice_id=call.invoice_id, attempt_id=call.attempt_id, order_id=call.order_id)
             attempt = attempts[call.attempt_id]
             invoice = invoices[call.invoice_id]
             outcome = _still_never_charged(attempt, outcome, wall, rt.unknown_grace)
@@ -893,6 +899,7 @@ def _record(
             word = _move_invoice(session, invoice, attempt, outcome, now, report)
             if outcome.card_token is not None and word == "paid":
                 adopt_card(rt, session, invoice, attempt, outcome.card_token, now)
+            log.info("attempt outcome %s: %s", outcome.status.value, word)
             report.note(invoice.id, word)
             metrics.charge_recorded(session, outcome.status, call.currency, call.amount)
         del subs  # held so that the session's (weak) identity map keeps them for session.get
