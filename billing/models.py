@@ -312,6 +312,35 @@ class ChargeAttempt(Base):
     )
 
 
+class Refund(Base):
+    """The full refund of a paid invoice: written before Fatora is asked (``requested``), so an
+    answer that is lost is followed through verify instead of asking twice (billing/refunds.py).
+    One per invoice: the unique constraint is the fence against two refunds at once."""
+
+    __tablename__ = "refunds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    invoice_id: Mapped[int] = mapped_column(ForeignKey("invoices.id"), unique=True)
+    attempt_id: Mapped[int] = mapped_column(ForeignKey("charge_attempts.id"))
+    order_id: Mapped[str] = mapped_column(String(64))
+    transaction_id: Mapped[str] = mapped_column(String(120))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    refund_transaction_id: Mapped[str | None] = mapped_column(String(120))
+    description: Mapped[str | None] = mapped_column(String(500))
+    tries: Mapped[int] = mapped_column(Integer, server_default="1")
+    requested_at: Mapped[datetime]
+    settled_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('requested', 'pending', 'completed', 'rejected')", name="status"
+        ),
+    )
+
+
 # The predicate of the index of the events still to deliver (0005_event_delivery repeats it).
 _UNDELIVERED_SQL = f"delivery_status = '{DeliveryStatus.PENDING.value}'"
 # The predicate of the index of the alerts not acknowledged yet (0008_alert_ack repeats it; the

@@ -16,6 +16,7 @@ from billing.models import (
     Customer,
     Invoice,
     Plan,
+    Refund,
     Subscription,
 )
 from billing.money import from_minor
@@ -178,4 +179,21 @@ def quarantined(row: QuarantinedRow) -> dict[str, Any]:
         "since": iso(row.since),
         "reason": row.reason,
         "next_retry": iso(row.retry_at),
+    }
+
+
+def refund(r: Refund) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "invoice_id": r.invoice_id,
+        "order_id": r.order_id,
+        "transaction_id": r.transaction_id,
+        "amount": amount(r.amount_minor, r.currency),
+        "currency": r.currency,
+        "status": r.status,
+        "refund_transaction_id": r.refund_transaction_id,
+        "description": r.description,
+        "tries": r.tries,
+        "requested_at": iso(r.requested_at),
+        "settled_at": iso(r.settled_at),
     }

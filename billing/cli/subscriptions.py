@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
@@ -12,7 +13,9 @@ from sqlalchemy.orm import Session
 
 from billing import serialize
 from billing.cli.base import (
+    USER_ERRORS,
     JsonOpt,
+    app,
     emit,
     fail,
     invoices_app,
@@ -246,6 +249,52 @@ def invoices_show(invoice_id: int, as_json: JsonOpt = False) -> None:
             + (f"  {e['last_error']}" if e["last_error"] else "")
         )
     emit(record, False, "\n".join(lines))
+
+
+@app.command("refund")
+def refund(
+    invoice_id: Annotated[int, typer.Argument(help="The paid invoice to refund in full.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refund a paid invoice in full through Fatora. Safe to run again: a refund done is not
+    asked twice, and one whose answer was lost is looked up through verify first."""
+    from billing.money import format_money, from_minor
+    from billing.runtime import get_runtime
+    from billing.services.refunds import refund_invoice
+
+    if not yes:
+        if not sys.stdin.isatty():
+            raise fail(f"a refund sends money back: add --yes to refund invoice {invoice_id}")
+        typer.confirm(f"Refund invoice {invoice_id} in full through Fatora?", abort=True)
+    try:
+        report = refund_invoice(get_runtime(), invoice_id)
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    money = format_money(from_minor(report.amount_minor, report.currency), report.currency)
+    record = {
+        "invoice_id": invoice_id,
+        "status": report.status.value,
+        "asked": report.asked,
+        "already": report.already,
+        "amount": str(from_minor(report.amount_minor, report.currency)),
+        "currency": report.currency,
+        "description": report.description,
+    }
+    text = {
+        "completed": f"invoice {invoice_id}: {money} refunded"
+        + (" (already, nothing asked again)" if report.already else ""),
+        "pending": f"invoice {invoice_id}: refund of {money} accepted by Fatora, not complete "
+        "yet; run the command again later to follow it",
+        "rejected": f"invoice {invoice_id}: Fatora refused the refund "
+        f"({escape(report.description or 'no reason given')}); nothing was refunded",
+        "requested": f"invoice {invoice_id}: the outcome of the refund is not known yet "
+        f"({escape(report.description or 'no answer')}); run the command again: it checks "
+        "with Fatora before asking again",
+    }[report.status.value]
+    emit(record, as_json, text)
+    if report.status.value in ("rejected", "requested"):
+        raise typer.Exit(1)
 
 
 @invoices_app.command("link")

@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from billing.lifecycle import InvoiceStatus
-from billing.models import ChargeAttempt, Event, Invoice, Subscription
+from billing.models import ChargeAttempt, Event, Invoice, Refund, Subscription
 from billing.services.dunning_flow import unresolved_attempt
 from billing.services.errors import BillingError, NotFound
 from billing.services.events import record_event
@@ -85,9 +85,13 @@ def story(session: Session, invoice_id: int) -> dict[str, Any]:
         ),
     )
     events = session.execute(select(Event).where(about).order_by(Event.id)).scalars()
+    refunded = session.execute(
+        select(Refund).where(Refund.invoice_id == invoice.id)
+    ).scalar_one_or_none()
     return {
         **serialize.invoice(invoice),
         "subscription": serialize.subscription(session, sub),
         "attempts": [serialize.attempt(a) for a in attempts],
         "events": [describe_event(e) for e in events],
+        "refund": serialize.refund(refunded) if refunded is not None else None,
     }

@@ -87,3 +87,19 @@ def test_a_subscription_started_by_link_and_its_invoice_story(
     assert f"invoice {started['invoice_id']}: 50.00 QAR open" in text
     missing = run("invoices", "show", "999999", ok=False)
     assert "no invoice 999999" in missing
+
+
+def test_refund_needs_consent_and_a_paid_invoice(cli_env: str, tmp_path: object) -> None:
+    """Protects: money is not sent back by accident (no --yes, no terminal: refused), and an
+    invoice that was never paid is refused in one line that says why."""
+    _setup(tmp_path)
+    started = json.loads(
+        run("subscriptions", "checkout-link", "--customer", "c1", "--plan", "basic", "--json")
+    )
+    invoice = str(started["invoice_id"])
+    refused = run("refund", invoice, ok=False)
+    assert "--yes" in refused and len(refused.strip().splitlines()) == 1
+    unpaid = run("refund", invoice, "--yes", ok=False)
+    assert "only a paid invoice can be refunded" in unpaid
+    assert len(unpaid.strip().splitlines()) == 1
+    assert json.loads(run("invoices", "show", invoice, "--json"))["refund"] is None
