@@ -31,8 +31,11 @@ already billed, and an unpaid subscription may have a later invoice still on its
 charge outcomes and the end of a ladder reach them:
 
 * A payment makes trialing, past_due and unpaid active (an unpaid one's schedule goes on from its
-  last invoiced period). A paused one stays paused: only a resume restarts its billing, so
-  'active' never means 'not billed'.
+  last invoiced period, or from now when that period is over: the time it was stopped is never
+  billed). A paused one stays paused: only a resume restarts its billing, so 'active' never
+  means 'not billed'. The charge flow sends that resume itself when the pause was the dunning
+  ladder's final action (``subscriptions.paused_by``): a payment lifts a pause made for want of
+  payment, never the merchant's own.
 * A failure moves trialing and active to past_due (dunning starts). It leaves unpaid and paused
   as they are: a failure neither restarts billing nor lifts a pause.
 * The end of a ladder applies the policy's final action to whatever status the subscription has

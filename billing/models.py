@@ -57,6 +57,14 @@ class CardStatus(StrEnum):
     DEACTIVATED = "deactivated"  # we asked the gateway to deactivate it
 
 
+class PausedBy(StrEnum):
+    """Who paused a subscription: a payment lifts the dunning ladder's pause, never the
+    merchant's (only a resume does)."""
+
+    MERCHANT = "merchant"
+    DUNNING = "dunning"
+
+
 class Customer(Base):
     __tablename__ = "customers"
 
@@ -174,6 +182,7 @@ class Subscription(Base):
     cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     canceled_at: Mapped[datetime | None]
     paused_at: Mapped[datetime | None]
+    paused_by: Mapped[str | None] = mapped_column(String(16))
     # Set aside after renewing it raised (billing/services/quarantine.py): since when, why (the
     # exception's class and a short message), and when it is tried again.
     quarantined_at: Mapped[datetime | None]
@@ -184,6 +193,7 @@ class Subscription(Base):
 
     __table_args__ = (
         CheckConstraint(_in("status", SubscriptionStatus), name="status"),
+        CheckConstraint("paused_by IS NULL OR " + _in("paused_by", PausedBy), name="paused_by"),
         # The due finder's index: only rows with something to bill, and not in quarantine, are
         # in it, so the due scan never wades through quarantined rows (see 0004_quarantine).
         Index(

@@ -29,8 +29,10 @@ from billing.models import (
     CardStatus,
     CardToken,
     ChargeAttempt,
+    Customer,
     DunningPolicyRow,
     Invoice,
+    PausedBy,
     Plan,
     Subscription,
 )
@@ -136,8 +138,7 @@ def _move(session: Session, sub: Subscription, event: SubscriptionEvent, now: da
     sub.cancel_at_period_end = after.cancel_at_period_end
     sub.updated_at = now
     if sub.status == SubscriptionStatus.ACTIVE.value and sub.next_billing_at is None:
-        # Back from unpaid: billing goes on where the last invoiced period ended.
-        sub.next_billing_at = sub.current_period_end or now
+        restart_billing(session, sub, now)  # back from unpaid, or from a dunning pause
     if sub.status == SubscriptionStatus.CANCELED.value:
         sub.canceled_at = now
         sub.next_billing_at = None
@@ -145,7 +146,30 @@ def _move(session: Session, sub: Subscription, event: SubscriptionEvent, now: da
         sub.next_billing_at = None
         if sub.status == SubscriptionStatus.PAUSED.value:
             sub.paused_at = now
+            sub.paused_by = PausedBy.DUNNING.value
     return True
+
+
+def restart_billing(session: Session, sub: Subscription, now: datetime) -> None:
+    """Billing starts again after a stop (a resume, or a payment that ends an unpaid status or
+    a dunning pause). Inside a period already invoiced, that period and the anchor are kept:
+    the next period is billed when it ends. After it has ended, nothing covers the time since,
+    and none of it is billed: a new period starts now, anchored on the restart."""
+    from billing.periods import first_period
+    from billing.services.subscriptions import schedule_for
+
+    sub.paused_at = None
+    sub.paused_by = None
+    if sub.current_period_end is not None and sub.current_period_end > now:
+        sub.next_billing_at = sub.current_period_end
+        return
+    plan = session.get(Plan, sub.plan_id)
+    customer = session.get(Customer, sub.customer_id)
+    assert plan is not None and customer is not None
+    sub.anchor_at = now
+    sub.current_period_start = None
+    sub.current_period_end = None
+    sub.next_billing_at = first_period(schedule_for(plan, now, customer.timezone), now).start
 
 
 def unresolved_attempt(session: Session, invoice_id: int) -> ChargeAttempt | None:
@@ -189,6 +213,13 @@ def paid(session: Session, invoice: Invoice, attempt: ChargeAttempt, now: dateti
     sub = session.get(Subscription, invoice.subscription_id)
     assert sub is not None
     _move(session, sub, SubscriptionEvent.PAYMENT_SUCCEEDED, now)
+    if sub.status == SubscriptionStatus.PAUSED.value and sub.paused_by == PausedBy.DUNNING.value:
+        # The ladder paused it for want of payment: a payment lifts that pause (a merchant's
+        # own pause is lifted only by a resume).
+        _move(session, sub, SubscriptionEvent.RESUME, now)
+        record_event(
+            session, "subscription.resumed", subscription=sub, now=now, payload={"by": "payment"}
+        )
     record_event(
         session,
         "invoice.paid",

@@ -136,7 +136,7 @@ def _lock(session: Session, refund_id: int, invoice_id: int) -> Refund:
     return refund
 
 
-def _locked_refund(session: Session, query: Select[tuple[Refund]]) -> Refund | None:
+def _locked_refund(session: Session, query: Select[Refund]) -> Refund | None:
     """The refund row, locked without waiting: a run already holding it is in Fatora."""
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(nowait=True)

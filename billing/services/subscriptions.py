@@ -15,9 +15,9 @@ from billing.lifecycle import (
     apply,
     initial_status,
 )
-from billing.models import CardToken, Customer, Invoice, Plan, PlanPrice, Subscription
+from billing.models import CardToken, Customer, Invoice, PausedBy, Plan, PlanPrice, Subscription
 from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, first_period
-from billing.services.dunning_flow import void_open_invoices
+from billing.services.dunning_flow import restart_billing, void_open_invoices
 from billing.services.errors import BillingError, NotFound
 from billing.services.events import record_event
 
@@ -137,6 +137,7 @@ def cancel(session: Session, sub: Subscription, now: datetime, *, at_period_end:
 def pause(session: Session, sub: Subscription, now: datetime) -> None:
     _apply(session, sub, SubscriptionEvent.PAUSE, now)
     sub.paused_at = now
+    sub.paused_by = PausedBy.MERCHANT.value
     sub.next_billing_at = None
     record_event(session, "subscription.paused", subscription=sub, now=now)
 
@@ -150,17 +151,7 @@ def resume(session: Session, sub: Subscription, now: datetime) -> None:
     ended, nothing covers the time since: a new period starts now, anchored on the resumption.
     """
     _apply(session, sub, SubscriptionEvent.RESUME, now)
-    sub.paused_at = None
-    if sub.current_period_end is not None and sub.current_period_end > now:
-        sub.next_billing_at = sub.current_period_end
-    else:
-        plan = session.get(Plan, sub.plan_id)
-        customer = session.get(Customer, sub.customer_id)
-        assert plan is not None and customer is not None
-        sub.anchor_at = now
-        sub.current_period_start = None
-        sub.current_period_end = None
-        sub.next_billing_at = first_period(schedule_for(plan, now, customer.timezone), now).start
+    restart_billing(session, sub, now)
     record_event(session, "subscription.resumed", subscription=sub, now=now)
 
 

@@ -1,4 +1,9 @@
-"""refunds: the full refund of a paid invoice, written before Fatora is asked
+"""refunds, and who paused a subscription
+
+``refunds``: the full refund of a paid invoice, written before Fatora is asked.
+``subscriptions.paused_by``: 'merchant' or 'dunning'; a payment lifts the dunning ladder's pause
+only. Subscriptions paused before this revision are taken as paused by the merchant (NULL):
+nothing resumes them but a resume.
 
 Revision ID: 0009
 Revises: 0006
@@ -49,6 +54,16 @@ def upgrade() -> None:
         sa.UniqueConstraint("invoice_id", name=op.f("uq_refunds_invoice_id")),
     )
 
+    with op.batch_alter_table("subscriptions", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("paused_by", sa.String(length=16), nullable=True))
+        batch_op.create_check_constraint(
+            op.f("ck_subscriptions_paused_by"),
+            "paused_by IS NULL OR paused_by IN ('merchant', 'dunning')",
+        )
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("subscriptions", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_subscriptions_paused_by"), type_="check")
+        batch_op.drop_column("paused_by")
     op.drop_table("refunds")
