@@ -234,6 +234,9 @@ class Invoice(Base):
     paid_at: Mapped[datetime | None]
     # The attempt that paid it (no foreign key: attempts already point at their invoice).
     paid_attempt_id: Mapped[int | None] = mapped_column(Integer)
+    # Paid only through the customer's link (a first period started on the hosted page, or a
+    # renewal paid ahead before a token dies): no worker charges it, whatever its schedule.
+    link_only: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     # Set aside after its write-ahead raised (billing/services/quarantine.py); while it is,
     # next_attempt_at is no earlier than quarantine_retry_at.
     quarantined_at: Mapped[datetime | None]
@@ -341,6 +344,9 @@ class Refund(Base):
     description: Mapped[str | None] = mapped_column(String(500))
     tries: Mapped[int] = mapped_column(Integer, server_default="1")
     requested_at: Mapped[datetime]
+    # System time when the refund request last left (committed before it is sent): Fatora is
+    # asked again only once verify has shown no refund for BILLING_UNKNOWN_GRACE_S after it.
+    sent_wall_at: Mapped[datetime | None]
     settled_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
 

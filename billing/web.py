@@ -24,6 +24,10 @@ _TEXT: dict[str, dict[str, tuple[str, str]]] = {
         "pending": ("Almost there", "Your payment is being confirmed. You may close this page."),
         "failed": ("Payment not completed", "Your payment did not go through. You can try again."),
         "closed": ("Nothing to pay", "This invoice has nothing left to pay."),
+        "expired": (
+            "Link expired",
+            "This link has expired. Please ask us for a new one to start your subscription.",
+        ),
         "nothing_due": (
             "Nothing to pay yet",
             "There is no renewal to pay now. We will write to you before the next one.",
@@ -41,6 +45,10 @@ _TEXT: dict[str, dict[str, tuple[str, str]]] = {
         "pending": ("لحظات", "جارٍ تأكيد دفعتك. يمكنك إغلاق هذه الصفحة."),
         "failed": ("لم تكتمل الدفعة", "لم تتم عملية الدفع. يمكنك المحاولة مرة أخرى."),
         "closed": ("لا يوجد مبلغ مستحق", "لا يوجد مبلغ متبقٍ للدفع على هذه الفاتورة."),
+        "expired": (
+            "انتهت صلاحية الرابط",
+            "انتهت صلاحية هذا الرابط. يرجى طلب رابط جديد لبدء اشتراكك.",
+        ),
         "nothing_due": (
             "لا يوجد مبلغ مستحق الآن",
             "لا يوجد تجديد مستحق الدفع الآن. سنراسلك قبل التجديد القادم.",

@@ -116,14 +116,8 @@ def renew_one(session: Session, sub: Subscription, now: datetime) -> int | None:
         sub.next_billing_at = None  # nothing to bill until resumed
         return None
     plan = session.get(Plan, sub.plan_id)
-    customer = session.get(Customer, sub.customer_id)
-    assert plan is not None and customer is not None
-    schedule = schedule_for(plan, sub.anchor_at, customer.timezone)
-    if sub.current_period_start is None or sub.current_period_end is None:
-        assert sub.next_billing_at is not None
-        period = first_period(schedule, sub.next_billing_at)
-    else:
-        period = next_period(schedule, Period(sub.current_period_start, sub.current_period_end))
+    assert plan is not None
+    period = _coming_period(session, sub)
     if sub.cancel_at_period_end:
         state = apply(
             SubscriptionState(SubscriptionStatus(sub.status), True),
@@ -144,6 +138,8 @@ def renew_one(session: Session, sub: Subscription, now: datetime) -> int | None:
         return None
     price = price_at(session, plan.id, period.start)
     invoice_id = _insert_invoice(session, sub, period, price.amount_minor, price.currency, now)
+    if invoice_id is None:
+        invoice_id = _take_over_ahead(session, sub, period, now)
     sub.current_period_start = period.start
     sub.current_period_end = period.end
     sub.next_billing_at = period.end
@@ -151,6 +147,59 @@ def renew_one(session: Session, sub: Subscription, now: datetime) -> int | None:
     # declined -> past_due): the lifecycle table decides, on the charge's outcome.
     sub.updated_at = now
     return invoice_id
+
+
+def _coming_period(session: Session, sub: Subscription) -> Period:
+    plan = session.get(Plan, sub.plan_id)
+    customer = session.get(Customer, sub.customer_id)
+    assert plan is not None and customer is not None
+    schedule = schedule_for(plan, sub.anchor_at, customer.timezone)
+    if sub.current_period_start is None or sub.current_period_end is None:
+        assert sub.next_billing_at is not None
+        return first_period(schedule, sub.next_billing_at)
+    return next_period(schedule, Period(sub.current_period_start, sub.current_period_end))
+
+
+def invoice_ahead(session: Session, sub: Subscription, now: datetime) -> int:
+    """The invoice of the subscription's coming period, made now to be paid through the link
+    (``link_only``), without renewing the subscription: its renewal happens on its date as
+    always, and then charges this invoice unless it was paid (``_take_over_ahead``)."""
+    period = _coming_period(session, sub)
+    existing = session.execute(
+        select(Invoice.id).where(
+            Invoice.subscription_id == sub.id, Invoice.period_start == period.start
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        return existing
+    price = price_at(session, sub.plan_id, period.start)
+    invoice_id = _insert_invoice(session, sub, period, price.amount_minor, price.currency, now)
+    assert invoice_id is not None  # the subscription is locked and the period was free
+    invoice = session.get(Invoice, invoice_id)
+    assert invoice is not None
+    invoice.link_only = True
+    invoice.next_attempt_at = None
+    return invoice_id
+
+
+def _take_over_ahead(
+    session: Session, sub: Subscription, period: Period, now: datetime
+) -> int | None:
+    """The renewal meets the period's invoice made ahead for the link: paid, it is left alone;
+    still open, it becomes an ordinary invoice charged from now on."""
+    invoice = session.execute(
+        select(Invoice)
+        .where(Invoice.subscription_id == sub.id, Invoice.period_start == period.start)
+        .with_for_update()
+    ).scalar_one_or_none()
+    if invoice is None or not invoice.link_only:
+        return None
+    invoice.link_only = False
+    invoice.updated_at = now
+    if invoice.status != InvoiceStatus.OPEN.value:
+        return None
+    invoice.next_attempt_at = now
+    return invoice.id
 
 
 def _insert_invoice(

@@ -287,9 +287,9 @@ def refund(
         "pending": f"invoice {invoice_id}: refund of {money} accepted by Fatora, not complete "
         "yet; run the command again later to follow it",
         "rejected": f"invoice {invoice_id}: Fatora refused the refund "
-        f"({escape(report.description or 'no reason given')}); nothing was refunded",
+        f"({report.description or 'no reason given'}); nothing was refunded",
         "requested": f"invoice {invoice_id}: the outcome of the refund is not known yet "
-        f"({escape(report.description or 'no answer')}); run the command again: it checks "
+        f"({report.description or 'no answer'}); run the command again: it checks "
         "with Fatora before asking again",
     }[report.status.value]
     emit(record, as_json, text)

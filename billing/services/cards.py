@@ -13,13 +13,15 @@ pay it on Fatora's hosted page, which gives a fresh token.
 A token is *needed* while its customer has a subscription that is not canceled: the
 subscription's own card is charged, and the customer's other live cards are its fallbacks.
 ``deactivate_unneeded_tokens`` deactivates the live tokens of customers whose subscriptions
-have all ended; ``remove_card`` is the operator's way to deactivate one card now. Fatora
+have all ended a week ago or more (never the card of a customer who has no subscription
+yet); ``remove_card`` is the operator's way to deactivate one card now. Fatora
 answers HTTP 422 to a token already deactivated, which the client reports as done.
 
-Locks: deactivation locks the customer row, then the card (``FOR UPDATE``), and keeps both
-while Fatora is asked. Creating a subscription or an attempt that references either row takes a
-key-share lock on it, so none can start using the card while it is being deactivated, and the
-need is read again under the locks.
+Locks: deactivation locks the customer row, then (``remove_card``) the customer's
+subscriptions in id order, then the card (``FOR UPDATE``), and keeps them while Fatora is asked:
+the charge path locks subscriptions before it chooses a card, and creating a subscription or an
+attempt that references the customer or the card takes a key-share lock on it, so nothing starts
+using the card while it is being deactivated; the need is read again under the locks.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, select
+from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from billing.crypto import TokenUnreadable
@@ -167,9 +169,23 @@ def remove_card(rt: Runtime, card_id: int, *, local_only: bool = False) -> Remov
     cannot be decrypted cannot be sent to Fatora: ``local_only`` removes it here only.
     """
     with rt.sessions() as session, session.begin():
-        probe = _card(session, card_id)
-        session.get(Customer, probe.customer_id, with_for_update=True)
-        card = _card(session, card_id, lock=True)
+        customer_id = _card(session, card_id).customer_id
+        # The order every writer uses: the customer, then their subscriptions (in id order, as
+        # the charge path locks them), then the card. A charge that has not chosen its card yet
+        # waits, then reads it deactivated; one that has is sent before the card is touched.
+        session.get(Customer, customer_id, with_for_update=True)
+        session.execute(
+            select(Subscription.id)
+            .where(Subscription.customer_id == customer_id)
+            .order_by(Subscription.id)
+            .with_for_update()
+        ).all()
+        card = session.execute(
+            select(CardToken)
+            .where(CardToken.id == card_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one()
         if card.status == CardStatus.DEACTIVATED.value:
             raise BillingError(f"card {card_id} is deactivated already")
         at_gateway = False
@@ -224,10 +240,25 @@ def _retire(session: Session, card: CardToken, now: datetime, why: str) -> dict[
 # -- tokens nobody needs ---------------------------------------------------------------------
 
 
-def _needed(customer_id: int) -> object:
-    return exists().where(
-        Subscription.customer_id == customer_id,
-        Subscription.status != SubscriptionStatus.CANCELED.value,
+# A token is deactivated only this long after its customer's last subscription ended (and this
+# long after it was stored): a customer between two subscriptions, or whose card was stored
+# before the subscription is created, keeps it.
+UNNEEDED_AFTER = timedelta(days=7)
+
+
+def _unneeded(customer_id: object, now: datetime) -> ColumnElement[bool]:
+    """The customer has had subscriptions, and every one ended at least UNNEEDED_AFTER ago."""
+    ended = Subscription.customer_id == customer_id
+    return and_(
+        exists().where(ended),
+        ~exists().where(
+            ended,
+            or_(
+                Subscription.status != SubscriptionStatus.CANCELED.value,
+                Subscription.canceled_at.is_(None),
+                Subscription.canceled_at > now - UNNEEDED_AFTER,
+            ),
+        ),
     )
 
 
@@ -249,10 +280,8 @@ def deactivate_unneeded_tokens(rt: Runtime, limit: int = 200) -> DeactivationRep
                 .where(
                     CardToken.status == CardStatus.ACTIVE.value,
                     CardToken.expires_at > now,
-                    ~exists().where(
-                        Subscription.customer_id == CardToken.customer_id,
-                        Subscription.status != SubscriptionStatus.CANCELED.value,
-                    ),
+                    CardToken.created_at <= now - UNNEEDED_AFTER,
+                    _unneeded(CardToken.customer_id, now),
                 )
                 .order_by(CardToken.id)
                 .limit(limit)
@@ -286,7 +315,7 @@ def _deactivate_one(rt: Runtime, card_id: int, customer_id: int) -> str:
         ).scalar_one_or_none()
         if locked is None or card is None or card.status != CardStatus.ACTIVE.value:
             return "skipped"
-        if session.execute(select(_needed(customer_id))).scalar():  # type: ignore[call-overload]
+        if not session.execute(select(_unneeded(customer_id, rt.clock.now()))).scalar():
             return "skipped"
         try:
             token = rt.vault.decrypt(card.ciphertext)

@@ -727,6 +727,8 @@ def _collectable(invoice: Invoice, now: datetime) -> str | None:
     """None when the invoice may be charged now, else the reason it may not."""
     if invoice.status != InvoiceStatus.OPEN.value:
         return invoice.status
+    if invoice.link_only:
+        return "link_only"  # paid only on the hosted page, whatever schedule it was given
     if invoice.next_attempt_at is None:
         return "not_scheduled"
     # Whoever queued it (renewal, a quick retry, the retry sweep, a redelivery), an invoice is

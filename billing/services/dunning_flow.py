@@ -150,6 +150,27 @@ def _move(session: Session, sub: Subscription, event: SubscriptionEvent, now: da
     return True
 
 
+def _first_period_from_payment(
+    session: Session, sub: Subscription, invoice: Invoice, now: datetime
+) -> None:
+    """The first payment of a subscription started on the hosted page, made after the period
+    its invoice was written for had ended (a page opened in time, paid late): that payment buys
+    a period from now, so that no second charge follows at once for a period nobody used."""
+    if invoice.period_end > now:
+        return
+    from billing.periods import first_period
+    from billing.services.subscriptions import schedule_for
+
+    plan = session.get(Plan, sub.plan_id)
+    customer = session.get(Customer, sub.customer_id)
+    assert plan is not None and customer is not None
+    period = first_period(schedule_for(plan, now, customer.timezone), now)
+    sub.anchor_at = now
+    sub.current_period_start = period.start
+    sub.current_period_end = period.end
+    sub.next_billing_at = None  # restart_billing continues from the period just set
+
+
 def restart_billing(session: Session, sub: Subscription, now: datetime) -> None:
     """Billing starts again after a stop (a resume, or a payment that ends an unpaid status or
     a dunning pause). Inside a period already invoiced, that period and the anchor are kept:
@@ -182,6 +203,29 @@ def unresolved_attempt(session: Session, invoice_id: int) -> ChargeAttempt | Non
     ).scalar_one_or_none()
 
 
+def void_invoices_ahead(session: Session, sub: Subscription, now: datetime) -> None:
+    """A pause, or a cancel at the period's end, takes back the invoices made ahead for the
+    link (``link_only``, a period not begun): that period will not be billed. One whose hosted
+    page is open is left: a payment on it is recorded, and raised if it comes while paused."""
+    invoices = session.execute(
+        select(Invoice)
+        .where(
+            Invoice.subscription_id == sub.id,
+            Invoice.status == InvoiceStatus.OPEN.value,
+            Invoice.link_only.is_(True),
+            Invoice.period_start > now,
+        )
+        .order_by(Invoice.id)
+        .with_for_update()
+    ).scalars()
+    for invoice in invoices:
+        if unresolved_attempt(session, invoice.id) is not None:
+            continue
+        invoice.status = InvoiceStatus.VOID.value
+        invoice.updated_at = now
+        record_event(session, "invoice.voided", invoice=invoice, now=now, payload={"by": "pause"})
+
+
 def void_open_invoices(session: Session, sub: Subscription, now: datetime) -> None:
     """A canceled subscription is not charged any more: its open invoices are voided (locked,
     in id order, after the subscription, like every path that writes them).
@@ -212,6 +256,8 @@ def paid(session: Session, invoice: Invoice, attempt: ChargeAttempt, now: dateti
     invoice.updated_at = now
     sub = session.get(Subscription, invoice.subscription_id)
     assert sub is not None
+    if invoice.link_only and sub.status == SubscriptionStatus.UNPAID.value:
+        _first_period_from_payment(session, sub, invoice, now)
     _move(session, sub, SubscriptionEvent.PAYMENT_SUCCEEDED, now)
     if sub.status == SubscriptionStatus.PAUSED.value and sub.paused_by == PausedBy.DUNNING.value:
         # The ladder paused it for want of payment: a payment lifts that pause (a merchant's
@@ -219,6 +265,18 @@ def paid(session: Session, invoice: Invoice, attempt: ChargeAttempt, now: dateti
         _move(session, sub, SubscriptionEvent.RESUME, now)
         record_event(
             session, "subscription.resumed", subscription=sub, now=now, payload={"by": "payment"}
+        )
+    elif sub.status == SubscriptionStatus.PAUSED.value and invoice.period_start >= (
+        sub.paused_at or invoice.period_start
+    ):
+        # Paid for a period that begins while the merchant has it paused (a page opened
+        # before the pause): recorded, and put before a human.
+        record_event(
+            session,
+            "alert.paid_while_paused",
+            invoice=invoice,
+            now=now,
+            payload={"attempt_id": attempt.id, "order_id": attempt.order_id},
         )
     record_event(
         session,

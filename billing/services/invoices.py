@@ -41,6 +41,11 @@ def retry_now(session: Session, invoice_id: int, now: datetime) -> Invoice:
     invoice = _locked(session, invoice_id)
     if invoice.status != InvoiceStatus.OPEN.value:
         raise BillingError(f"invoice {invoice_id} is {invoice.status}: there is nothing to charge")
+    if invoice.link_only:
+        raise BillingError(
+            f"invoice {invoice_id} is paid only through the customer's link "
+            f"(`billing invoices link {invoice_id}`): no card is charged for it"
+        )
     invoice.next_attempt_at = now
     invoice.updated_at = now
     record_event(session, "invoice.retry_requested", invoice=invoice, now=now, payload={})

@@ -882,7 +882,7 @@ def _renew_link(event: Event, sub: Subscription | None) -> dict[str, str]:
     from billing.services.paylink import renew_link_for
 
     try:
-        return {"pay_url": renew_link_for(vault_from_settings(), sub.id)}
+        return {"pay_url": renew_link_for(vault_from_settings(), sub.id, sub.next_billing_at)}
     except Exception:  # no token key here: the message asks the customer to contact the merchant
         log.warning("no renew link for subscription %s", sub.id, exc_info=True)
         return {}

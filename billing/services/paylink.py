@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from billing.attempts import (
     UNRESOLVED_VALUES,
@@ -36,12 +37,19 @@ from billing.config import get_settings
 from billing.crypto import TokenVault
 from billing.fatora.errors import FatoraError
 from billing.fatora.parsing import parse_redirect_params
-from billing.lifecycle import InvoiceStatus
+from billing.lifecycle import (
+    InvoiceStatus,
+    SubscriptionEvent,
+    SubscriptionState,
+    SubscriptionStatus,
+    apply,
+)
 from billing.models import ChargeAttempt, Customer, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
 from billing.services import control
 from billing.services.dunning_flow import unresolved_attempt
+from billing.services.events import record_event
 
 log = logging.getLogger("billing.paylink")
 
@@ -97,28 +105,53 @@ def invoice_of_reference(vault: TokenVault, ref: str) -> int | None:
     return _number_of(vault, "pay-link", ref)
 
 
-def renew_link_for(vault: TokenVault, subscription_id: int) -> str:
-    """The link that pays the subscription's coming renewal now, with a new card: sent before
-    a renewal that falls after the card's token dies (``card.expiring``)."""
-    ref = _reference(vault, "renew-link", subscription_id)
+def renew_link_for(vault: TokenVault, subscription_id: int, renewal: datetime) -> str:
+    """The link that pays the subscription's renewal of ``renewal`` (its next billing time)
+    ahead, with a new card: sent before a renewal that falls after the card's token dies
+    (``card.expiring``). It names that one renewal: once it is paid, or has happened, the link
+    has nothing more to pay."""
+    at = int(renewal.timestamp())
+    mac = _signature(vault, "renew-link", _renewal_key(subscription_id, at))[0]
+    ref = f"{subscription_id}.{at}-{mac}"
     return f"{get_settings().public_url.rstrip('/')}/renew/{ref}"
 
 
-def renew_ahead(rt: Runtime, ref: str) -> Page:
-    """Open the hosted page for the subscription's coming renewal.
+def _renewal_key(subscription_id: int, at: int) -> int:
+    # One number for the MAC's message: the subscription and the renewal's second, apart.
+    return subscription_id * 10**12 + at
 
-    An invoice of the subscription still to be paid is paid first (its own link's page).
-    Otherwise the next period is invoiced now, due on its usual date: no worker charges it
-    before then, and paying it on the page settles it and saves the new card. Refused for a
-    subscription that is not renewed, is set to cancel at the period's end, or whose renewal is
-    further away than the expiry notice.
+
+def _renewal_of(vault: TokenVault, ref: str) -> tuple[int, datetime] | None:
+    head, _, signature = ref.partition("-")
+    sub_text, _, at_text = head.partition(".")
+    if not (sub_text.isascii() and sub_text.isdigit() and at_text.isascii() and at_text.isdigit()):
+        return None
+    if len(sub_text) > 9 or len(at_text) > 11:
+        return None
+    sub_id, at = int(sub_text), int(at_text)
+    good = _signature(vault, "renew-link", _renewal_key(sub_id, at))
+    if not any(hmac.compare_digest(signature, mac) for mac in good):
+        return None
+    return sub_id, datetime.fromtimestamp(at, UTC)
+
+
+def renew_ahead(rt: Runtime, ref: str) -> Page:
+    """Open the hosted page for the renewal the link was sent for.
+
+    An older invoice of the subscription still to be paid is paid first (its own page). Else,
+    while that renewal is still to come (the subscription renews, is not set to cancel at its
+    period's end, and the renewal is within the expiry notice), the coming period's invoice is
+    made for the link only (``renewal.invoice_ahead``): the subscription is not renewed early,
+    no worker charges that invoice, and on the renewal's date the usual renewal charges it
+    unless it was paid. Anything else has nothing to pay yet.
     """
     from billing.services.cards import notice_period
-    from schedules.renewal import RENEWING, renew_one
+    from schedules.renewal import RENEWING, invoice_ahead
 
-    sub_id = _number_of(rt.vault, "renew-link", ref)
-    if sub_id is None:
+    found = _renewal_of(rt.vault, ref)
+    if found is None:
         return Page("invalid")
+    sub_id, renewal = found
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
         sub = session.get(Subscription, sub_id, with_for_update=True)
@@ -128,25 +161,29 @@ def renew_ahead(rt: Runtime, ref: str) -> Page:
         language = customer.language if customer is not None else "en"
         owed = session.execute(
             select(Invoice.id)
-            .where(Invoice.subscription_id == sub.id, Invoice.status.in_(PAYABLE))
+            .where(
+                Invoice.subscription_id == sub.id,
+                Invoice.status.in_(PAYABLE),
+                Invoice.period_start < renewal,
+                Invoice.link_only.is_(False),
+            )
             .order_by(Invoice.period_start)
             .limit(1)
         ).scalar_one_or_none()
         if owed is None:
-            due = sub.next_billing_at
             if (
-                sub.status not in RENEWING
-                or due is None
+                sub.next_billing_at is None
+                or int(sub.next_billing_at.timestamp()) != int(renewal.timestamp())
+                or sub.status not in RENEWING
                 or sub.cancel_at_period_end
-                or due > now + notice_period() + timedelta(days=1)
+                or renewal > now + notice_period() + timedelta(days=1)
             ):
                 return Page("nothing_due", language)
-            owed = renew_one(session, sub, now)
-            if owed is None:
-                return Page("nothing_due", language)
+            owed = invoice_ahead(session, sub, now)
             invoice = session.get(Invoice, owed)
             assert invoice is not None
-            invoice.next_attempt_at = max(invoice.period_start, now)
+            if invoice.status not in PAYABLE:
+                return Page("nothing_due", language)
     return open_checkout(rt, reference(rt.vault, owed))
 
 
@@ -169,6 +206,8 @@ def open_checkout(rt: Runtime, ref: str) -> Page:
             return Page("paid", language)
         if invoice.status not in PAYABLE:
             return Page("closed", language)
+        if _first_payment_expired(session, sub, invoice, now):
+            return Page("expired", language)
         open_attempt = unresolved_attempt(session, invoice.id)
         if open_attempt is not None:
             if open_attempt.kind == AttemptKind.CHECKOUT.value and open_attempt.checkout_url:
@@ -226,6 +265,42 @@ def open_checkout(rt: Runtime, ref: str) -> Page:
         if row is not None:
             row.checkout_url = hosted.checkout_url[:500]
     return Page("redirect", language, url=hosted.checkout_url)
+
+
+# A subscription started on the hosted page waits this long for its first payment (like an
+# "incomplete" subscription elsewhere): then its link expires and it is canceled, so that a
+# payment weeks later does not buy a period that is long over.
+FIRST_PAYMENT_WINDOW = timedelta(hours=24)
+
+
+def _first_payment_expired(
+    session: Session, sub: Subscription, invoice: Invoice, now: datetime
+) -> bool:
+    """A first period's link opened after the window: the invoice is voided and the
+    subscription canceled (both locked by the caller). Nothing unresolved is voided."""
+    if not (invoice.link_only and sub.status == SubscriptionStatus.UNPAID.value):
+        return False
+    if now <= invoice.created_at + FIRST_PAYMENT_WINDOW:
+        return False
+    if unresolved_attempt(session, invoice.id) is not None:
+        return False
+    invoice.status = InvoiceStatus.VOID.value
+    invoice.updated_at = now
+    sub.status = apply(
+        SubscriptionState(SubscriptionStatus(sub.status), sub.cancel_at_period_end),
+        SubscriptionEvent.CANCEL,
+    ).status.value
+    sub.canceled_at = now
+    sub.next_billing_at = None
+    sub.updated_at = now
+    record_event(
+        session,
+        "subscription.canceled",
+        subscription=sub,
+        now=now,
+        payload={"reason": "first_payment_expired", "invoice_id": invoice.id},
+    )
+    return True
 
 
 def _close(rt: Runtime, attempt_id: int, why: str) -> None:

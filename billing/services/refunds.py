@@ -1,21 +1,21 @@
 """``billing refund INVOICE``: the full refund of a paid invoice through Fatora, recorded, and
-safe to run again (see ``billing/refunds.py`` for what each answer means).
+safe to run again (``billing/refunds.py`` says what each answer means and when to ask again).
 
-1. In a first transaction the invoice is locked and checked (paid, by a charge with a
-   transaction id), and the refund row is written (``requested``) or read back. It is
-   committed before Fatora is asked: a refund whose answer is lost is still on record.
-2. In a second transaction the refund row is locked with ``NOWAIT`` and kept locked while
-   Fatora is asked: a second operator running the same command meanwhile is told so, and
-   never sends a second refund.
-3. A refund that was asked before without a clear answer, or that Fatora accepted without
-   completing it, is first looked up through verify's refund details; Fatora is asked (again)
-   only when verify shows no refund and nothing says one is under way.
+1. The invoice is locked and checked (paid, by a charge with a transaction id), and the refund
+   row is written (``requested``) or read back, and committed.
+2. The row is locked with ``NOWAIT`` (a second run meanwhile is told a refund is under way).
+   A refund already asked for, or accepted, is first looked up through verify's refund details;
+   then ``refunds.may_ask_again`` decides. To ask, the moment the request leaves is written and
+   committed first (``sent_wall_at``): a run killed after that leaves a trace that keeps the
+   next run from asking again before the grace.
+3. The row is locked again, the request sent, and its answer recorded.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import Select, select
 from sqlalchemy.exc import OperationalError
@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from billing.fatora.errors import FatoraError
 from billing.lifecycle import InvoiceStatus
 from billing.models import ChargeAttempt, Invoice, Refund, Subscription
-from billing.refunds import RefundStatus, after_error, from_word, is_settled
+from billing.refunds import RefundStatus, after_error, from_word, is_settled, may_ask_again
 from billing.runtime import Runtime
 from billing.services.errors import BillingError, Conflict, NotFound
 from billing.services.events import record_event
@@ -44,26 +44,37 @@ class RefundReport:
 
 
 def refund_invoice(rt: Runtime, invoice_id: int) -> RefundReport:
-    refund_id, check_first = _write_ahead(rt, invoice_id)
+    refund_id = _write_ahead(rt, invoice_id)
     with rt.sessions() as session, session.begin():
-        refund = _lock(session, refund_id, invoice_id)
+        refund = _lock(session, refund_id)
         status = RefundStatus(refund.status)
-        if is_settled(status) and not check_first:
+        if status is RefundStatus.COMPLETED:
             return _report(refund, asked=False, already=True)
-        if check_first or status is RefundStatus.PENDING:
+        if refund.sent_wall_at is not None or status is RefundStatus.PENDING:
             seen, readable = _verify(rt, refund)
             if seen is not None:
                 _settle(session, refund, from_word(seen), rt)
                 return _report(refund, asked=False, already=False)
-            if status is RefundStatus.PENDING or not readable:
-                # Accepted and not complete yet, or not readable now: never asked twice.
+            if not readable:
                 return _report(refund, asked=False, already=False)
+        wall = datetime.now(UTC)
+        if not may_ask_again(status, refund.sent_wall_at, wall, rt.unknown_grace):
+            return _report(refund, asked=False, already=False)  # Fatora may still be on it
+        if refund.sent_wall_at is not None:
+            refund.tries += 1
+        refund.status = RefundStatus.REQUESTED.value
+        refund.sent_wall_at = wall
+        refund.updated_at = rt.clock.now()
+    with rt.sessions() as session, session.begin():
+        refund = _lock(session, refund_id)
+        if refund.sent_wall_at != wall or refund.status != RefundStatus.REQUESTED.value:
+            return _report(refund, asked=False, already=False)  # another run took over
         try:
             answer = rt.gateway.refund(refund.order_id, refund.transaction_id)
         except FatoraError as exc:
             log.warning("refund of invoice %s: %s", invoice_id, exc.answer)
             seen, readable = _verify(rt, refund)
-            outcome = after_error(exc.answer, seen, readable)
+            outcome = after_error(exc.answer, exc.http_status, seen, readable)
             refund.description = _clip(f"{type(exc).__name__}: {exc}")
             _settle(session, refund, outcome, rt)
             return _report(refund, asked=True, already=False)
@@ -73,8 +84,8 @@ def refund_invoice(rt: Runtime, invoice_id: int) -> RefundReport:
         return _report(refund, asked=True, already=False)
 
 
-def _write_ahead(rt: Runtime, invoice_id: int) -> tuple[int, bool]:
-    """The refund's row, written (or found) and committed; whether verify must be read first."""
+def _write_ahead(rt: Runtime, invoice_id: int) -> int:
+    """The refund's row, written (or found) and committed."""
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
         invoice = session.get(Invoice, invoice_id)
@@ -121,16 +132,10 @@ def _write_ahead(rt: Runtime, invoice_id: int) -> tuple[int, bool]:
                 now=now,
                 payload={"refund_id": refund.id, "order_id": refund.order_id},
             )
-            return refund.id, False
-        if refund.status == RefundStatus.REJECTED.value:
-            refund.status = RefundStatus.REQUESTED.value
-            refund.tries += 1
-            refund.updated_at = now
-            return refund.id, True  # a refusal is checked against verify before asking again
-        return refund.id, refund.status == RefundStatus.REQUESTED.value
+        return refund.id
 
 
-def _lock(session: Session, refund_id: int, invoice_id: int) -> Refund:
+def _lock(session: Session, refund_id: int) -> Refund:
     refund = _locked_refund(session, select(Refund).where(Refund.id == refund_id))
     assert refund is not None
     return refund

@@ -172,6 +172,7 @@ def _schedule_the_rest(rt: Runtime) -> None:
                 Invoice.status == InvoiceStatus.OPEN.value,
                 Invoice.next_attempt_at.is_(None),
                 Invoice.quarantined_at.is_(None),
+                Invoice.link_only.is_(False),  # paid only through the link: never scheduled
                 Invoice.id.not_in(unresolved),
             )
             .with_for_update()

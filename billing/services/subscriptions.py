@@ -15,9 +15,22 @@ from billing.lifecycle import (
     apply,
     initial_status,
 )
-from billing.models import CardToken, Customer, Invoice, PausedBy, Plan, PlanPrice, Subscription
+from billing.models import (
+    CardStatus,
+    CardToken,
+    Customer,
+    Invoice,
+    PausedBy,
+    Plan,
+    PlanPrice,
+    Subscription,
+)
 from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, first_period
-from billing.services.dunning_flow import restart_billing, void_open_invoices
+from billing.services.dunning_flow import (
+    restart_billing,
+    void_invoices_ahead,
+    void_open_invoices,
+)
 from billing.services.errors import BillingError, NotFound
 from billing.services.events import record_event
 
@@ -69,6 +82,9 @@ def create_subscription(
         raise BillingError(f"plan {plan.code!r} is retired: it takes no new subscriptions")
     if card is not None and card.customer_id != customer.id:
         raise BillingError(f"card {card.id} belongs to another customer")
+    if card is not None and (card.status != CardStatus.ACTIVE.value or card.expires_at <= now):
+        state = card.status if card.status != CardStatus.ACTIVE.value else "expired"
+        raise BillingError(f"card {card.id} is {state}: it cannot be charged")
     trial = plan.trial_days if trial_days is None else trial_days
     if trial < 0:
         raise BillingError("--trial-days must not be negative")
@@ -125,6 +141,7 @@ def _apply(session: Session, sub: Subscription, event: SubscriptionEvent, now: d
 def cancel(session: Session, sub: Subscription, now: datetime, *, at_period_end: bool) -> None:
     if at_period_end:
         _apply(session, sub, SubscriptionEvent.CANCEL_AT_PERIOD_END, now)
+        void_invoices_ahead(session, sub, now)
         record_event(session, "subscription.cancel_scheduled", subscription=sub, now=now)
         return
     _apply(session, sub, SubscriptionEvent.CANCEL, now)
@@ -138,6 +155,7 @@ def pause(session: Session, sub: Subscription, now: datetime) -> None:
     _apply(session, sub, SubscriptionEvent.PAUSE, now)
     sub.paused_at = now
     sub.paused_by = PausedBy.MERCHANT.value
+    void_invoices_ahead(session, sub, now)
     sub.next_billing_at = None
     record_event(session, "subscription.paused", subscription=sub, now=now)
 
@@ -173,6 +191,7 @@ def start_with_checkout(
     invoice = session.get(Invoice, invoice_id)
     assert invoice is not None
     invoice.next_attempt_at = None
+    invoice.link_only = True
     sub.status = initial_status(False, paid_on_page=True).value
     sub.next_billing_at = None  # renewals restart when the first period is paid
     session.flush()

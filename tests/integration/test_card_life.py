@@ -20,7 +20,7 @@ from billing.runtime import Runtime
 from billing.services import cards as card_service
 from billing.services import paylink
 from billing.services.charging import collect_invoices
-from billing.services.customers import add_customer
+from billing.services.customers import add_card, add_customer
 from billing.services.errors import BillingError
 from billing.services.subscriptions import cancel, plan_by_code, start_with_checkout
 from billing.web import create_app
@@ -38,6 +38,13 @@ from tests.factories import (
 @pytest.fixture()
 def web(rt: Runtime) -> TestClient:
     return TestClient(create_app(lambda: rt), base_url="http://billing.test")
+
+
+def _renew_link(rt: Runtime, sub_id: int) -> str:
+    """The link the expiry notice sends for the subscription's coming renewal."""
+    due = subscription_of(rt, sub_id).next_billing_at
+    assert due is not None
+    return paylink.renew_link_for(rt.vault, sub_id, due)
 
 
 def _path(url: str) -> str:
@@ -114,7 +121,7 @@ def test_the_renew_ahead_link_pays_the_next_period_with_a_new_card(
     clock.advance(renewal - clock.now() - timedelta(days=5))
     _age_card(rt, old_card, timedelta(days=3))  # dies before the renewal
 
-    link = paylink.renew_link_for(rt.vault, sub_id)
+    link = _renew_link(rt, sub_id)
     back = _pay_at(web, sandbox, urlsplit(link).path)
     page = web.get(_path(back))
     assert page.status_code == 200 and "Thank you" in page.text
@@ -155,7 +162,7 @@ def test_a_renew_link_refuses_what_it_should(
     collect_invoices(rt, [first])
     forged = web.get(f"/renew/{sub_id}-AAAAAAAAAAAAAAAAAAAAAAAA", follow_redirects=False)
     assert forged.status_code == 400
-    link = urlsplit(paylink.renew_link_for(rt.vault, sub_id)).path
+    link = urlsplit(_renew_link(rt, sub_id)).path
     early = web.get(link, follow_redirects=False)
     assert early.status_code == 200 and "Nothing to pay yet" in early.text
     sub = subscription_of(rt, sub_id)
@@ -290,10 +297,11 @@ def test_set_default_switches_the_subscriptions_to_a_live_card(
 
 
 def test_tokens_of_customers_with_no_subscription_left_are_deactivated(
-    rt: Runtime, sandbox: Sandbox
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock
 ) -> None:
-    """Protects: tokens no subscription needs are deactivated at Fatora (one already
-    deactivated there, answered 422, counts as done); a customer still subscribed keeps all."""
+    """Protects: tokens no subscription needs are deactivated at Fatora a week after the last
+    subscription ended (one already deactivated there, answered 422, counts as done); a
+    customer still subscribed keeps all, and so does one who has no subscription yet."""
     seed_plans(rt)
     gone = subscriber(rt, sandbox, ["success", "success"], name="gone")
     kept = subscriber(rt, sandbox, ["success", "success"], name="kept")
@@ -301,9 +309,23 @@ def test_tokens_of_customers_with_no_subscription_left_are_deactivated(
         row = session.get(Subscription, gone)
         assert row is not None
         cancel(session, row, rt.clock.now(), at_period_end=False)
+    with rt.sessions() as session, session.begin():
+        newcomer = add_customer(
+            session, external_id="new", name="New", email="n@example.com", now=clock.now()
+        )
+        add_card(
+            session,
+            rt.vault,
+            customer=newcomer,
+            token=sandbox.issue_token("success"),
+            now=clock.now(),
+        )
     gone_customer = subscription_of(rt, gone).customer_id
     gone_cards = [c for c in _cards(rt).values() if c.customer_id == gone_customer]
     sandbox.deactivate(_token_of(rt, gone_cards[0].id))
+    clock.advance(timedelta(days=6))
+    assert card_service.deactivate_unneeded_tokens(rt).deactivated == 0  # not a week yet
+    clock.advance(timedelta(days=2))
     report = card_service.deactivate_unneeded_tokens(rt)
     assert (report.deactivated, report.failed) == (2, 0)
     after = _cards(rt)

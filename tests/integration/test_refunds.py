@@ -174,6 +174,9 @@ def test_two_operators_at_once_send_one_refund(rtx: Runtime, sandbox: Sandbox, t
     assert len(results) == 2, results
     assert tap.refund_calls == 1 and _refunds_at_gateway(sandbox) == 1
     assert RefundStatus.COMPLETED in results
-    assert any(isinstance(r, str) and "being asked for right now" in r for r in results) or (
-        results.count(RefundStatus.COMPLETED) == 2
-    )
+    # The other run was told a refund is under way, or found it asked a moment ago (not yet
+    # shown by verify: never asked twice), or found it done.
+    (other,) = [r for r in results if r is not RefundStatus.COMPLETED] or [RefundStatus.COMPLETED]
+    assert other in (RefundStatus.REQUESTED, RefundStatus.COMPLETED) or (
+        isinstance(other, str) and "being asked for right now" in other
+    ), results

@@ -1,9 +1,11 @@
-"""refunds, and who paused a subscription
+"""refunds, who paused a subscription, and invoices paid only through the link
 
 ``refunds``: the full refund of a paid invoice, written before Fatora is asked.
 ``subscriptions.paused_by``: 'merchant' or 'dunning'; a payment lifts the dunning ladder's pause
 only. Subscriptions paused before this revision are taken as paused by the merchant (NULL):
 nothing resumes them but a resume.
+``invoices.link_only``: a first period started on the hosted page, or a renewal paid ahead: no
+worker charges it.
 
 Revision ID: 0009
 Revises: 0006
@@ -36,6 +38,7 @@ def upgrade() -> None:
         sa.Column("description", sa.String(length=500), nullable=True),
         sa.Column("tries", sa.Integer(), server_default="1", nullable=False),
         sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("sent_wall_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("settled_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
@@ -60,9 +63,15 @@ def upgrade() -> None:
             op.f("ck_subscriptions_paused_by"),
             "paused_by IS NULL OR paused_by IN ('merchant', 'dunning')",
         )
+    with op.batch_alter_table("invoices", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("link_only", sa.Boolean(), server_default=sa.text("false"), nullable=False)
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("invoices", schema=None) as batch_op:
+        batch_op.drop_column("link_only")
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.drop_constraint(op.f("ck_subscriptions_paused_by"), type_="check")
         batch_op.drop_column("paused_by")
