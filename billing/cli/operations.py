@@ -329,9 +329,12 @@ def web(
     """Serve the pay-and-update links and Fatora's return pages (BILLING_PUBLIC_URL points here)."""
     import uvicorn
 
+    from billing.logs import configure_logging
     from billing.web import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    configure_logging()  # as the worker logs: BILLING_LOG_FORMAT, bound ids, no secret
+    # log_config=None: uvicorn's own lines go through the same handlers and redaction.
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning", log_config=None)
 
 
 @app.command("sandbox")
@@ -354,7 +357,9 @@ def sandbox(
 ) -> None:
     """Serve the Fatora sandbox under /v1 (FATORA_BASE_URL=http://HOST:PORT/v1)."""
     from billing.fatora.sandbox.server import run_server
+    from billing.logs import configure_logging
 
+    configure_logging()
     run_server(
         host,
         port,

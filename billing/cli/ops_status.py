@@ -3,9 +3,7 @@ daemons ``billing web`` and ``billing sandbox``."""
 
 from __future__ import annotations
 
-import functools
 import getpass
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -14,7 +12,6 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from billing.cli import operations
 from billing.cli.base import JsonOpt, app, emit, fail, out, say, table, unit_of_work
 
 alerts_app = typer.Typer(
@@ -209,25 +206,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no user name for this uid (a container)
         return "unknown"
-
-
-# -- logging of the daemons --------------------------------------------------------------------
-
-# The long-running commands log like the worker: BILLING_LOG_FORMAT, bound ids, no secret.
-DAEMONS: tuple[Callable[..., Any], ...] = (operations.web, operations.sandbox)
-
-
-def _with_logging(command: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        from billing.logs import configure_logging
-
-        configure_logging()
-        return command(*args, **kwargs)
-
-    return run
-
-
-for _info in app.registered_commands:
-    if _info.callback in DAEMONS:
-        _info.callback = _with_logging(_info.callback)
