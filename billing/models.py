@@ -31,6 +31,7 @@ from billing.attempts import UNRESOLVED_VALUES, AttemptKind, AttemptStatus, Call
 from billing.db import UTCDateTime
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
 from billing.notify import DeliveryStatus
+from billing.plans import PriceChange
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -141,7 +142,10 @@ class Plan(Base):
 
 
 class PlanPrice(Base):
-    """A plan's amount from a moment on: a period is billed at the price in force at its start."""
+    """A plan's amount from a moment on, for subscriptions created from then on and, when
+    ``price_change`` is 'next_period', for existing ones from their next period (see
+    ``billing.plans.subscriber_price``). Ordered by (effective_from, id): rows of one moment
+    apply in the order written."""
 
     __tablename__ = "plan_prices"
 
@@ -150,12 +154,17 @@ class PlanPrice(Base):
     amount_minor: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     effective_from: Mapped[datetime]
+    # A row written without saying moves everyone, as every price did before 0010_price_terms.
+    price_change: Mapped[str] = mapped_column(
+        String(16), server_default=PriceChange.NEXT_PERIOD.value
+    )
 
     plan: Mapped[Plan] = relationship(back_populates="prices")
 
     __table_args__ = (
-        UniqueConstraint("plan_id", "effective_from"),
+        Index("ix_plan_prices_plan_id_effective_from", "plan_id", "effective_from"),
         CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint(_in("price_change", PriceChange), name="price_change"),
     )
 
 
@@ -171,6 +180,12 @@ class Subscription(Base):
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
     plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"), index=True)
     card_token_id: Mapped[int | None] = mapped_column(ForeignKey("card_tokens.id"))
+    # The price it signed up at (billing.plans.subscriber_price): kept until a 'next_period'
+    # change moves it. NULL (a row written by hand, or its price deleted): the plan's price
+    # for new subscriptions at created_at.
+    price_id: Mapped[int | None] = mapped_column(
+        ForeignKey("plan_prices.id", ondelete="SET NULL"), index=True
+    )
     status: Mapped[str] = mapped_column(String(16))
     # Interval plans count periods from this moment (wall clock in the customer's zone).
     anchor_at: Mapped[datetime]

@@ -11,10 +11,17 @@ Format (see ``plans.example.toml``)::
     trial_days = 0          # optional, default 0
     dunning = "standard"    # optional, default "standard"
     description = "..."     # optional
+    price_change = "new_subscribers"  # optional: who a new amount applies to (see below)
 
     [dunning.standard]
     retry_after_days = [1, 3, 5, 7]   # after the first failed charge of an invoice
     final_action = "cancel"           # cancel | unpaid | pause
+
+When a sync finds a plan's amount changed, ``price_change`` says who pays the new amount:
+``"new_subscribers"`` (the default) gives it to subscriptions created from then on, while
+existing subscriptions keep the price they signed up at (grandfathering); ``"next_period"`` moves
+every existing subscription to it too, from its next period. A plan's price history is a list of
+:class:`PricePoint`; :func:`subscriber_price` is the one rule that reads it.
 
 A file with mistakes raises :class:`PlansFileError` listing every mistake, one per line, as
 ``FILE: plans.CODE.FIELD: message``, so an operator fixes them in one pass instead of one per
@@ -27,10 +34,11 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from functools import cache
 from typing import Any
 
@@ -54,15 +62,28 @@ __all__ = [
     "PlanSpec",
     "PlansConfig",
     "PlansFileError",
+    "PriceChange",
+    "PricePoint",
     "load_plans",
     "parse_plans",
+    "price_for_new",
+    "subscriber_price",
 ]
 
 CODE_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 _PLAN_REQUIRED = ("name", "amount", "currency")
 _PLAN_KEYS = frozenset(
-    {*_PLAN_REQUIRED, "interval", "interval_count", "cron", "trial_days", "dunning", "description"}
+    {
+        *_PLAN_REQUIRED,
+        "interval",
+        "interval_count",
+        "cron",
+        "trial_days",
+        "dunning",
+        "description",
+        "price_change",
+    }
 )
 _DUNNING_KEYS = frozenset({"retry_after_days", "final_action"})
 _TOP_LEVEL = ("plans", "dunning")
@@ -76,6 +97,17 @@ _MAX_COUNT = {"day": 36_500, "week": 5_200, "month": 1_200, "year": 100}  # a hu
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # NUL breaks PostgreSQL text
 
 _Fail = Callable[[str, str], None]
+
+
+class PriceChange(StrEnum):
+    """Who a plan's new amount applies to."""
+
+    NEW_SUBSCRIBERS = "new_subscribers"  # subscriptions created from then on (grandfathering)
+    NEXT_PERIOD = "next_period"  # also every existing subscription, from its next period
+
+
+# What a plans file means when it does not say: existing subscribers keep their price.
+DEFAULT_PRICE_CHANGE = PriceChange.NEW_SUBSCRIBERS
 
 
 @dataclass(frozen=True)
@@ -116,6 +148,9 @@ class PlanSpec:
     trial_days: int
     dunning: str
     description: str | None = None
+    # A spec built in code moves existing subscribers, as every price change did before the
+    # plans file could say otherwise; the file's own default is DEFAULT_PRICE_CHANGE.
+    price_change: PriceChange = PriceChange.NEXT_PERIOD
 
     def __post_init__(self) -> None:
         if (self.interval is None) == (self.cron is None):
@@ -135,10 +170,11 @@ class PlanSpec:
 
 @dataclass(frozen=True)
 class PlansConfig:
-    """All plans and dunning policies from one file, by code."""
+    """All plans and dunning policies from one file, by code; ``source`` names the file."""
 
     plans: dict[str, PlanSpec]
     dunning: dict[str, DunningPolicy] = field(default_factory=lambda: {"standard": STANDARD})
+    source: str = "plans file"
 
     def dunning_for(self, plan: PlanSpec) -> DunningPolicy:
         """The dunning policy that ``plan`` refers to."""
@@ -276,7 +312,7 @@ class _Validator:
 
         if self.issues:
             raise PlansFileError(self.issues)
-        return PlansConfig(plans=plans, dunning=policies)
+        return PlansConfig(plans=plans, dunning=policies, source=self.source)
 
     def entries(
         self, section: str, table: object, allowed: frozenset[str]
@@ -413,6 +449,20 @@ class _Validator:
         elif description is not None and _CONTROL_RE.search(description):
             fail("description", "description must not contain control characters (NUL...)")
 
+        price_change = body.get("price_change", DEFAULT_PRICE_CHANGE.value)
+        if not isinstance(price_change, str):
+            fail(
+                "price_change",
+                f"price_change must be a string, not {_type_name(price_change)}"
+                f" (one of {', '.join(PriceChange)})",
+            )
+        elif price_change not in tuple(PriceChange):
+            fail(
+                "price_change",
+                f"price_change {price_change!r} is not one of {', '.join(PriceChange)}"
+                f"{_hint(price_change, [c.value for c in PriceChange])}",
+            )
+
         if self.has_issue(entry):
             return None
         assert isinstance(name, str) and amount is not None and currency is not None
@@ -427,6 +477,7 @@ class _Validator:
             trial_days=trial_days,
             dunning=dunning,
             description=description,
+            price_change=PriceChange(price_change),
         )
 
     @staticmethod
@@ -492,3 +543,53 @@ def _amount(body: Mapping[str, Any], currency: str | None, fail: _Fail) -> Decim
     except ValueError as error:
         fail("amount", str(error))
         return None
+
+
+# -- prices over time (pure) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PricePoint:
+    """One row of a plan's price history: ``amount_minor`` of ``currency`` from
+    ``effective_from`` on, for new subscriptions and, if ``change`` is ``next_period``, for
+    every existing one from its next period. Rows are ordered by (``effective_from``, ``id``):
+    two rows of the same moment (a test clock that stands still) apply in the order written."""
+
+    id: int
+    amount_minor: int
+    currency: str
+    effective_from: datetime
+    change: PriceChange
+
+    @property
+    def order(self) -> tuple[datetime, int]:
+        return (self.effective_from, self.id)
+
+    @property
+    def money(self) -> tuple[int, str]:
+        return (self.amount_minor, self.currency)
+
+
+def price_for_new(history: Sequence[PricePoint], at: datetime) -> PricePoint | None:
+    """The price a subscription created at ``at`` signs up at: the latest row in force then
+    (the plan's first row if ``at`` is before it); ``None`` for a plan with no price at all."""
+    if not history:
+        return None
+    in_force = [point for point in history if point.effective_from <= at]
+    if in_force:
+        return max(in_force, key=lambda point: point.order)
+    return min(history, key=lambda point: point.order)
+
+
+def subscriber_price(history: Sequence[PricePoint], signed: PricePoint, at: datetime) -> PricePoint:
+    """What a subscription that signed up at ``signed`` pays for a period starting at ``at``:
+    its own price, unless a ``next_period`` change written after it has taken effect by then,
+    in which case the latest such change. A ``new_subscribers`` change never moves it."""
+    moves = [
+        point
+        for point in history
+        if point.change is PriceChange.NEXT_PERIOD
+        and point.order > signed.order
+        and point.effective_from <= at
+    ]
+    return max(moves, key=lambda point: point.order, default=signed)

@@ -103,13 +103,23 @@ def plan(session: Session, p: Plan, now: datetime) -> dict[str, Any]:
 
 
 def subscription(session: Session, s: Subscription) -> dict[str, Any]:
+    from sqlalchemy.exc import NoResultFound
+
+    from billing.services.subscriptions import subscription_price
+
     owner = session.get(Customer, s.customer_id)
     plan_row = session.get(Plan, s.plan_id)
+    try:  # what its next period is billed at, with the prices written so far
+        price = subscription_price(session, s, datetime.max.replace(tzinfo=UTC))
+    except NoResultFound:  # a plan with no price: its renewal is quarantined
+        price = None
     return {
         "id": s.id,
         "customer": owner.external_id if owner is not None else None,
         "customer_id": s.customer_id,
         "plan": plan_row.code if plan_row is not None else None,
+        "amount": amount(*price.money) if price is not None else None,
+        "currency": price.currency if price is not None else None,
         "card_id": s.card_token_id,
         "status": s.status,
         "trial_end": iso(s.trial_end),

@@ -36,7 +36,7 @@ from billing.periods import Period, first_period, next_period
 from billing.runtime import Runtime
 from billing.services import quarantine
 from billing.services.events import record_event, savepoint
-from billing.services.subscriptions import price_at, schedule_for
+from billing.services.subscriptions import schedule_for, subscription_price
 
 log = logging.getLogger("billing.renewal")
 
@@ -136,7 +136,7 @@ def renew_one(session: Session, sub: Subscription, now: datetime) -> int | None:
             payload={"at_period_end": True},
         )
         return None
-    price = price_at(session, plan.id, period.start)
+    price = subscription_price(session, sub, period.start)
     invoice_id = _insert_invoice(session, sub, period, price.amount_minor, price.currency, now)
     if invoice_id is None:
         invoice_id = _take_over_ahead(session, sub, period, now)
@@ -172,7 +172,7 @@ def invoice_ahead(session: Session, sub: Subscription, now: datetime) -> int:
     ).scalar_one_or_none()
     if existing is not None:
         return existing
-    price = price_at(session, sub.plan_id, period.start)
+    price = subscription_price(session, sub, period.start)
     invoice_id = _insert_invoice(session, sub, period, price.amount_minor, price.currency, now)
     assert invoice_id is not None  # the subscription is locked and the period was free
     invoice = session.get(Invoice, invoice_id)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, NoReturn
 
+import typer
 from sqlalchemy import select
 
 from billing import serialize
@@ -15,21 +16,26 @@ from billing.cli.base import (
     fail,
     out,
     plans_app,
+    say,
     table,
     unit_of_work,
 )
-from billing.plans import PlansFileError, load_plans
+from billing.plans import PlansConfig, PlansFileError, load_plans
 
 # -- plans -------------------------------------------------------------------------------------
 
 
-def _load(file: Path) -> Any:
+def _load(file: Path) -> PlansConfig:
     try:
         return load_plans(file)
     except PlansFileError as exc:
-        for issue in exc.errors:
-            err.print(str(issue), highlight=False, soft_wrap=True)
-        raise fail(f"{file}: {len(exc.errors)} error(s); nothing was written") from None
+        _refused(file, exc)
+
+
+def _refused(file: Path, exc: PlansFileError) -> NoReturn:
+    for issue in exc.errors:
+        err.print(str(issue), highlight=False, soft_wrap=True)
+    raise fail(f"{file}: {len(exc.errors)} error(s); nothing was written") from None
 
 
 @plans_app.command("check")
@@ -44,20 +50,45 @@ def plans_check(file: Path, as_json: JsonOpt = False) -> None:
 
 
 @plans_app.command("sync")
-def plans_sync(file: Path, as_json: JsonOpt = False) -> None:
-    """Apply a plans file to the database: idempotent; nothing is written if it is invalid."""
+def plans_sync(
+    file: Path,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Show every change and the subscriptions it affects; write nothing.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply a plans file to the database: idempotent; nothing is written if it is invalid.
+
+    Each change says how many subscriptions that will be billed again it affects, and a price
+    change whether existing subscribers move to it (price_change = "next_period") or keep their
+    price (price_change = "new_subscribers", the default).
+    """
     from billing.services.plans_sync import sync_plans
 
     config = _load(file)
-    with unit_of_work() as (session, now):
-        changes = sync_plans(session, config, now)
+    try:
+        with unit_of_work() as (session, now):
+            changes = sync_plans(session, config, now, dry_run=dry_run)
+    except PlansFileError as exc:
+        _refused(file, exc)
     if as_json:
-        emit({"changes": changes}, True, "")
+        record = {
+            "dry_run": dry_run,
+            "changes": [str(c) for c in changes],
+            "details": [c.as_dict() for c in changes],
+        }
+        emit(record, True, "")
         return
-    if not changes:
-        out.print("no change")
-    for line in changes:
-        out.print(line, highlight=False)
+    for change in changes:
+        say(change.text)
+    if dry_run:
+        say(f"dry run: {len(changes)} change(s) to make; nothing was written")
+    elif not changes:
+        say("no change")
 
 
 @plans_app.command("list")

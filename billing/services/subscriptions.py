@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.exc import NoResultFound
 from sqlalchemy.orm import Session
 
 from billing.lifecycle import (
@@ -26,6 +27,7 @@ from billing.models import (
     Subscription,
 )
 from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, first_period
+from billing.plans import PriceChange, PricePoint, price_for_new, subscriber_price
 from billing.services.dunning_flow import (
     restart_billing,
     void_invoices_ahead,
@@ -44,21 +46,48 @@ def schedule_for(plan: Plan, anchor: datetime, tz: str) -> Schedule:
 
 
 def price_at(session: Session, plan_id: int, at: datetime) -> PlanPrice:
-    """The plan's price in force at ``at`` (a period is billed at the price of its start)."""
+    """The plan's price for a subscription created at ``at``: the latest row in force then (its
+    first row before the plan existed). What an existing subscription pays is
+    ``subscription_price``."""
     price = session.execute(
         select(PlanPrice)
         .where(PlanPrice.plan_id == plan_id, PlanPrice.effective_from <= at)
-        .order_by(PlanPrice.effective_from.desc())
+        .order_by(PlanPrice.effective_from.desc(), PlanPrice.id.desc())
         .limit(1)
     ).scalar_one_or_none()
     if price is None:  # a period that started before the plan existed: its first price
         price = session.execute(
             select(PlanPrice)
             .where(PlanPrice.plan_id == plan_id)
-            .order_by(PlanPrice.effective_from)
+            .order_by(PlanPrice.effective_from, PlanPrice.id)
             .limit(1)
         ).scalar_one()
     return price
+
+
+def price_history(session: Session, plan_id: int) -> list[PricePoint]:
+    """The plan's price rows, in the order they apply."""
+    rows = session.execute(
+        select(PlanPrice)
+        .where(PlanPrice.plan_id == plan_id)
+        .order_by(PlanPrice.effective_from, PlanPrice.id)
+    ).scalars()
+    return [
+        PricePoint(r.id, r.amount_minor, r.currency, r.effective_from, PriceChange(r.price_change))
+        for r in rows
+    ]
+
+
+def subscription_price(session: Session, sub: Subscription, at: datetime) -> PricePoint:
+    """What ``sub`` pays for a period starting at ``at``: the price it signed up at, unless a
+    'next_period' price change has moved it since (``billing.plans.subscriber_price``)."""
+    history = price_history(session, sub.plan_id)
+    signed = next((p for p in history if p.id == sub.price_id), None)
+    if signed is None:  # signed up before prices were kept per subscription, or its row is gone
+        signed = price_for_new(history, sub.created_at)
+    if signed is None:
+        raise NoResultFound(f"plan {sub.plan_id} has no price")
+    return subscriber_price(history, signed, at)
 
 
 def plan_by_code(session: Session, code: str) -> Plan:
@@ -92,9 +121,12 @@ def create_subscription(
     trial_end = begins + timedelta(days=trial) if trial else None
     anchor = trial_end or begins
     first = first_period(schedule_for(plan, anchor, customer.timezone), anchor)
+    # It signs up at the price new subscriptions pay now and keeps it (subscription_price).
+    signed = price_for_new(price_history(session, plan.id), now)
     sub = Subscription(
         customer_id=customer.id,
         plan_id=plan.id,
+        price_id=signed.id if signed is not None else None,
         card_token_id=card.id if card is not None else None,
         status=initial_status(bool(trial)).value,
         anchor_at=anchor,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -10,7 +10,18 @@ import pytest
 
 from billing.dunning import STANDARD, DunningPolicy, FinalAction
 from billing.periods import CronSchedule, Interval, IntervalSchedule
-from billing.plans import PlanIssue, PlansFileError, PlanSpec, load_plans, parse_plans
+from billing.plans import (
+    PlanIssue,
+    PlansFileError,
+    PlanSpec,
+    PriceChange,
+    PricePoint,
+    load_plans,
+    parse_plans,
+    price_for_new,
+    subscriber_price,
+)
+from billing.services.plans_sync import Cohort, decide_price
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "plans.example.toml"
 
@@ -58,7 +69,8 @@ def test_example_file_loads() -> None:
 
 
 def test_minimal_plan_gets_defaults_and_builtin_standard() -> None:
-    """Optional keys default (count 1, no trial, standard dunning) and standard is built in."""
+    """Optional keys default (count 1, no trial, standard dunning, a new amount for new
+    subscribers only) and standard is built in."""
     config = parse_plans(BASIC, "plans.toml")
     assert config.plans == {
         "basic-monthly": PlanSpec(
@@ -71,9 +83,21 @@ def test_minimal_plan_gets_defaults_and_builtin_standard() -> None:
             cron=None,
             trial_days=0,
             dunning="standard",
+            price_change=PriceChange.NEW_SUBSCRIBERS,
         )
     }
     assert config.dunning == {"standard": STANDARD}
+    assert config.source == "plans.toml"
+
+
+def test_price_change_is_read_from_the_file() -> None:
+    """Both values are accepted as written; the example file shows one of each."""
+    for value in PriceChange:
+        plan = parse_plans(plan_with(price_change=f'"{value}"'), "p.toml").plans["basic-monthly"]
+        assert plan.price_change is value
+    example = load_plans(EXAMPLE).plans
+    assert example["basic-monthly"].price_change is PriceChange.NEW_SUBSCRIBERS
+    assert {p.price_change for p in example.values()} == set(PriceChange)
 
 
 def test_the_documented_format() -> None:
@@ -193,6 +217,15 @@ def test_decimal_error_has_the_documented_shape() -> None:
         ({"dunning": '"gentle"'}, "dunning", "unknown dunning policy 'gentle'"),
         ({"description": "5"}, "description", "must be a string"),
         ({"intervall": '"month"'}, "intervall", "did you mean 'interval'"),
+        (
+            {"price_change": '"next-period"'},
+            "price_change",
+            "'next-period' is not one of new_subscribers, next_period"
+            " (did you mean 'next_period'?)",
+        ),
+        ({"price_change": '"everyone"'}, "price_change", "not one of new_subscribers"),
+        ({"price_change": "true"}, "price_change", "must be a string, not a boolean"),
+        ({"price_chnage": '"next_period"'}, "price_chnage", "did you mean 'price_change'"),
     ],
 )
 def test_each_plan_mistake_is_reported_on_its_field(
@@ -356,3 +389,104 @@ def test_plan_issue_str() -> None:
     assert str(PlanIssue("f", "plans.a", None, "bad")) == "f: plans.a: bad"
     assert str(PlanIssue("f", None, None, "bad")) == "f: bad"
     assert issubclass(PlansFileError, ValueError)
+
+
+# --- Prices over time ---------------------------------------------------------------------------
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T1 = datetime(2026, 2, 1, tzinfo=UTC)
+T2 = datetime(2026, 3, 1, tzinfo=UTC)
+T3 = datetime(2026, 4, 1, tzinfo=UTC)
+NEW, NEXT = PriceChange.NEW_SUBSCRIBERS, PriceChange.NEXT_PERIOD
+
+
+def qar(row_id: int, amount: int, at: datetime, change: PriceChange = NEW) -> PricePoint:
+    return PricePoint(row_id, amount, "QAR", at, change)
+
+
+def test_a_subscriber_keeps_its_price_until_a_next_period_change_moves_it() -> None:
+    """A (t0), B for new subscribers (t1), C for everyone (t2), D for new subscribers (t3): who
+    signed up at A pays A until t2, then C, and still C after t3; who signed up at B pays B, then
+    C; new subscribers after t3 pay D. A period is priced at its start."""
+    a, b, c, d = qar(1, 5000, T0), qar(2, 6000, T1), qar(3, 7000, T2, NEXT), qar(4, 8000, T3)
+    history = [a, b, c, d]
+    assert price_for_new(history, T1 - timedelta(seconds=1)) == a
+    assert price_for_new(history, T1) == b
+    assert price_for_new(history, T3 + timedelta(days=1)) == d
+    assert price_for_new(history, T0 - timedelta(days=1)) == a  # before the plan: its first
+    assert price_for_new([], T0) is None
+    assert subscriber_price(history, a, T1 + timedelta(days=1)) == a
+    assert subscriber_price(history, a, T2) == c
+    assert subscriber_price(history, a, T3 + timedelta(days=1)) == c
+    assert subscriber_price(history, b, T2 - timedelta(seconds=1)) == b
+    assert subscriber_price(history, b, T3) == c
+    assert subscriber_price(history, d, T3 + timedelta(days=1)) == d
+    assert subscriber_price(history, d, T0) == d  # a back-dated period: its own price
+
+
+def test_rows_of_one_moment_apply_in_the_order_written() -> None:
+    """A standing test clock: the plan's first price, a subscriber signs up at it, then a new
+    price for new subscribers at the same moment: the subscriber keeps the first."""
+    first, second = qar(1, 5000, T0), qar(2, 6000, T0)
+    assert price_for_new([second, first], T0) == second
+    assert subscriber_price([first, second], first, T1) == first
+    assert subscriber_price([first, qar(2, 6000, T0, NEXT)], first, T1).amount_minor == 6000
+
+
+def test_decide_price_appends_only_what_changes_something() -> None:
+    """The amount in force is no change; a new amount is appended, moving no one for new
+    subscribers and every payer of another amount for next_period; next_period with the amount
+    unchanged moves only the grandfathered, and is no change once no one is."""
+    history = [qar(1, 5000, T0), qar(2, 6000, T1)]
+    old, new = Cohort(1, None, 3), Cohort(2, None, 2)
+    now = T2
+    assert (
+        decide_price(history, [old, new], (6000, "QAR"), NEW, now, last_signed_up_at=True) is None
+    )
+    raised = decide_price(history, [old, new], (7000, "QAR"), NEW, now, last_signed_up_at=True)
+    assert raised is not None
+    assert (raised.action, raised.moved, raised.kept) == ("append", 0, 5)
+    assert raised.before == history[1]
+    moving = decide_price(history, [old, new], (7000, "QAR"), NEXT, now, last_signed_up_at=True)
+    assert moving is not None and (moving.action, moving.moved, moving.kept) == ("append", 5, 0)
+    catch_up = decide_price(history, [old, new], (6000, "QAR"), NEXT, now, last_signed_up_at=True)
+    assert catch_up is not None and (catch_up.moved, catch_up.kept) == (3, 2)
+    everyone = [*history, qar(3, 6000, T2, NEXT)]
+    later = T2 + timedelta(days=1)
+    assert (
+        decide_price(everyone, [old, new], (6000, "QAR"), NEXT, later, last_signed_up_at=False)
+        is None
+    )
+
+
+def test_decide_price_at_the_same_moment_rewrites_or_removes() -> None:
+    """A row of this very moment that no one signed up at is rewritten, or removed when the
+    price goes back to what it was before it; one that someone signed up at is kept."""
+    history = [qar(1, 5000, T0), qar(2, 6000, T1)]
+    cohorts = [Cohort(1, None, 4)]
+    back = decide_price(history, cohorts, (5000, "QAR"), NEW, T1, last_signed_up_at=False)
+    assert back is not None and (back.action, back.row_id, back.moved) == ("remove", 2, 0)
+    again = decide_price(history, cohorts, (6500, "QAR"), NEW, T1, last_signed_up_at=False)
+    assert again is not None and (again.action, again.row_id) == ("rewrite", 2)
+    kept = decide_price(history, cohorts, (5000, "QAR"), NEW, T1, last_signed_up_at=True)
+    assert kept is not None and (kept.action, kept.row_id) == ("append", None)
+    # Everyone was moved to 6000 at this moment: a new-subscribers price now cannot undo that,
+    # so the row that moved them stays and the new one is appended.
+    moved = [qar(1, 5000, T0), qar(2, 6000, T1, NEXT)]
+    after = decide_price(moved, cohorts, (7000, "QAR"), NEW, T1, last_signed_up_at=False)
+    assert after is not None and (after.action, after.kept) == ("append", 4)
+    # ... while moving them back to what they paid removes it.
+    undo = decide_price(moved, cohorts, (5000, "QAR"), NEXT, T1, last_signed_up_at=False)
+    assert undo is not None and (undo.action, undo.row_id, undo.moved) == ("remove", 2, 4)
+    # The plan's only row, written at this moment, is rewritten in place.
+    only = decide_price([qar(1, 5000, T1)], [], (6000, "QAR"), NEW, T1, last_signed_up_at=False)
+    assert only is not None and (only.action, only.row_id) == ("rewrite", 1)
+
+
+def test_a_subscription_with_no_recorded_price_signed_up_when_created() -> None:
+    """Rows written without a price (by hand, or whose price was deleted) count as signed up at
+    the plan's price for new subscribers at their creation."""
+    history = [qar(1, 5000, T0), qar(2, 6000, T1)]
+    cohorts = [Cohort(None, T0 + timedelta(days=1), 2), Cohort(None, T1 + timedelta(days=1), 1)]
+    moving = decide_price(history, cohorts, (6000, "QAR"), NEXT, T2, last_signed_up_at=False)
+    assert moving is not None and (moving.moved, moving.kept) == (2, 1)
