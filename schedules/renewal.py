@@ -35,6 +35,7 @@ from billing.models import Customer, Invoice, Plan, Subscription
 from billing.periods import Period, first_period, next_period
 from billing.runtime import Runtime
 from billing.services import quarantine
+from billing.services.dunning_flow import void_invoices_ahead
 from billing.services.events import record_event, savepoint
 from billing.services.subscriptions import schedule_for, subscription_price
 
@@ -128,6 +129,7 @@ def renew_one(session: Session, sub: Subscription, now: datetime) -> int | None:
         sub.canceled_at = period.start
         sub.next_billing_at = None
         sub.updated_at = now
+        void_invoices_ahead(session, sub, now, "canceled")
         record_event(
             session,
             "subscription.canceled",
@@ -198,6 +200,9 @@ def _take_over_ahead(
     invoice.updated_at = now
     if invoice.status != InvoiceStatus.OPEN.value:
         return None
+    # Billed at the period's price as of now (it may have changed since the page was opened).
+    price = subscription_price(session, sub, period.start)
+    invoice.amount_minor, invoice.currency = price.amount_minor, price.currency
     invoice.next_attempt_at = now
     return invoice.id
 

@@ -191,6 +191,7 @@ def restart_billing(session: Session, sub: Subscription, now: datetime) -> None:
     sub.current_period_start = None
     sub.current_period_end = None
     sub.next_billing_at = first_period(schedule_for(plan, now, customer.timezone), now).start
+    void_invoices_ahead(session, sub, now, "restarted")  # the renewal they were for is gone
 
 
 def unresolved_attempt(session: Session, invoice_id: int) -> ChargeAttempt | None:
@@ -203,17 +204,20 @@ def unresolved_attempt(session: Session, invoice_id: int) -> ChargeAttempt | Non
     ).scalar_one_or_none()
 
 
-def void_invoices_ahead(session: Session, sub: Subscription, now: datetime) -> None:
-    """A pause, or a cancel at the period's end, takes back the invoices made ahead for the
-    link (``link_only``, a period not begun): that period will not be billed. One whose hosted
-    page is open is left: a payment on it is recorded, and raised if it comes while paused."""
+def void_invoices_ahead(session: Session, sub: Subscription, now: datetime, why: str) -> None:
+    """Take back the invoices made ahead for the link (open, ``link_only``) of a subscription
+    whose renewal they were made for will not come as planned: it ended at its period's end,
+    or restarted on a new period. One whose hosted page is open is left: a payment on it is
+    recorded (and raised). While a subscription is paused, or set to cancel, such an invoice
+    simply cannot be paid (``ahead_payable``); a resume before its date makes it payable again."""
+    if sub.status == SubscriptionStatus.UNPAID.value:
+        return  # its link-only invoice is its first payment, not one made ahead
     invoices = session.execute(
         select(Invoice)
         .where(
             Invoice.subscription_id == sub.id,
             Invoice.status == InvoiceStatus.OPEN.value,
             Invoice.link_only.is_(True),
-            Invoice.period_start > now,
         )
         .order_by(Invoice.id)
         .with_for_update()
@@ -223,7 +227,31 @@ def void_invoices_ahead(session: Session, sub: Subscription, now: datetime) -> N
             continue
         invoice.status = InvoiceStatus.VOID.value
         invoice.updated_at = now
-        record_event(session, "invoice.voided", invoice=invoice, now=now, payload={"by": "pause"})
+        record_event(session, "invoice.voided", invoice=invoice, now=now, payload={"by": why})
+
+
+def ahead_payable(sub: Subscription, invoice: Invoice) -> bool:
+    """May a renewal's invoice made ahead be paid now? Only while it is still the next renewal
+    of a subscription that renews and is not set to cancel."""
+    return (
+        sub.status
+        in (
+            SubscriptionStatus.ACTIVE.value,
+            SubscriptionStatus.TRIALING.value,
+            SubscriptionStatus.PAST_DUE.value,
+        )
+        and not sub.cancel_at_period_end
+        and is_coming_period(sub, invoice)
+    )
+
+
+def is_coming_period(sub: Subscription, invoice: Invoice) -> bool:
+    """Is ``invoice`` for the period the subscription's next renewal will bill?"""
+    if sub.next_billing_at is None:
+        return False
+    if sub.current_period_end is not None:
+        return invoice.period_start == sub.current_period_end
+    return invoice.period_start == sub.next_billing_at
 
 
 def void_open_invoices(session: Session, sub: Subscription, now: datetime) -> None:
@@ -258,6 +286,14 @@ def paid(session: Session, invoice: Invoice, attempt: ChargeAttempt, now: dateti
     assert sub is not None
     if invoice.link_only and sub.status == SubscriptionStatus.UNPAID.value:
         _first_period_from_payment(session, sub, invoice, now)
+    elif invoice.link_only and is_coming_period(sub, invoice):
+        # The renewal paid ahead through the link: the subscription enters that period now, as
+        # its renewal would have. A cancel at the period's end then ends it when the paid period
+        # does, and a pause and resume keep it.
+        sub.current_period_start = invoice.period_start
+        sub.current_period_end = invoice.period_end
+        sub.next_billing_at = invoice.period_end
+        sub.updated_at = now
     _move(session, sub, SubscriptionEvent.PAYMENT_SUCCEEDED, now)
     if sub.status == SubscriptionStatus.PAUSED.value and sub.paused_by == PausedBy.DUNNING.value:
         # The ladder paused it for want of payment: a payment lifts that pause (a merchant's

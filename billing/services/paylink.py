@@ -48,7 +48,7 @@ from billing.models import ChargeAttempt, Customer, Invoice, Subscription
 from billing.money import from_minor
 from billing.runtime import Runtime
 from billing.services import control
-from billing.services.dunning_flow import unresolved_attempt
+from billing.services.dunning_flow import ahead_payable, unresolved_attempt
 from billing.services.events import record_event
 
 log = logging.getLogger("billing.paylink")
@@ -164,7 +164,7 @@ def renew_ahead(rt: Runtime, ref: str) -> Page:
             .where(
                 Invoice.subscription_id == sub.id,
                 Invoice.status.in_(PAYABLE),
-                Invoice.period_start < renewal,
+                Invoice.period_start <= renewal,
                 Invoice.link_only.is_(False),
             )
             .order_by(Invoice.period_start)
@@ -208,6 +208,12 @@ def open_checkout(rt: Runtime, ref: str) -> Page:
             return Page("closed", language)
         if _first_payment_expired(session, sub, invoice, now):
             return Page("expired", language)
+        if (
+            invoice.link_only
+            and sub.status != SubscriptionStatus.UNPAID.value
+            and not ahead_payable(sub, invoice)
+        ):
+            return Page("nothing_due", language)  # made ahead for a renewal that will not come
         open_attempt = unresolved_attempt(session, invoice.id)
         if open_attempt is not None:
             if open_attempt.kind == AttemptKind.CHECKOUT.value and open_attempt.checkout_url:
@@ -284,6 +290,13 @@ def _first_payment_expired(
         return False
     if unresolved_attempt(session, invoice.id) is not None:
         return False
+    watched = session.execute(
+        select(ChargeAttempt.id).where(
+            ChargeAttempt.invoice_id == invoice.id, ChargeAttempt.next_verify_at.is_not(None)
+        )
+    ).first()
+    if watched is not None:
+        return False  # a closed page is still verified: a payment on it may yet come
     invoice.status = InvoiceStatus.VOID.value
     invoice.updated_at = now
     sub.status = apply(

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from billing.lifecycle import (
     IllegalTransition,
+    InvoiceStatus,
     SubscriptionEvent,
     SubscriptionState,
     SubscriptionStatus,
@@ -28,11 +29,7 @@ from billing.models import (
 )
 from billing.periods import CronSchedule, Interval, IntervalSchedule, Schedule, first_period
 from billing.plans import PriceChange, PricePoint, price_for_new, subscriber_price
-from billing.services.dunning_flow import (
-    restart_billing,
-    void_invoices_ahead,
-    void_open_invoices,
-)
+from billing.services.dunning_flow import restart_billing, void_open_invoices
 from billing.services.errors import BillingError, NotFound
 from billing.services.events import record_event
 
@@ -173,13 +170,28 @@ def _apply(session: Session, sub: Subscription, event: SubscriptionEvent, now: d
 def cancel(session: Session, sub: Subscription, now: datetime, *, at_period_end: bool) -> None:
     if at_period_end:
         _apply(session, sub, SubscriptionEvent.CANCEL_AT_PERIOD_END, now)
-        void_invoices_ahead(session, sub, now)
         record_event(session, "subscription.cancel_scheduled", subscription=sub, now=now)
         return
     _apply(session, sub, SubscriptionEvent.CANCEL, now)
     sub.canceled_at = now
     sub.next_billing_at = None
     void_open_invoices(session, sub, now)
+    prepaid = session.execute(
+        select(Invoice.id).where(
+            Invoice.subscription_id == sub.id,
+            Invoice.status == InvoiceStatus.PAID.value,
+            Invoice.period_start > now,
+        )
+    ).scalars()
+    for invoice_id in prepaid:
+        # Paid ahead for a period that will not come: a refund candidate, put before a human.
+        record_event(
+            session,
+            "alert.prepaid_period_canceled",
+            subscription=sub,
+            now=now,
+            payload={"invoice_id": invoice_id},
+        )
     record_event(session, "subscription.canceled", subscription=sub, now=now)
 
 
@@ -187,7 +199,6 @@ def pause(session: Session, sub: Subscription, now: datetime) -> None:
     _apply(session, sub, SubscriptionEvent.PAUSE, now)
     sub.paused_at = now
     sub.paused_by = PausedBy.MERCHANT.value
-    void_invoices_ahead(session, sub, now)
     sub.next_billing_at = None
     record_event(session, "subscription.paused", subscription=sub, now=now)
 

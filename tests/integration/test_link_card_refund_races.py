@@ -124,7 +124,7 @@ def _abandoned_renew_ahead(
 # -- an abandoned renew-ahead invoice is charged for a period the merchant stopped ---------
 
 
-def test_a_pause_takes_back_an_abandoned_renew_ahead_invoice(
+def test_a_pause_keeps_an_abandoned_renew_ahead_invoice_from_being_charged(
     rt: Runtime, sandbox: Sandbox, clock: FixedClock, web: TestClient
 ) -> None:
     """Without the link, a pause before the renewal date means no invoice for the next period.
@@ -142,7 +142,7 @@ def test_a_pause_takes_back_an_abandoned_renew_ahead_invoice(
     assert successful_charges(rt, sandbox, ahead) == [], "charged for a period while paused"
 
 
-def test_a_cancel_at_period_end_takes_back_an_abandoned_renew_ahead_invoice(
+def test_a_cancel_at_period_end_keeps_an_abandoned_renew_ahead_invoice_from_being_charged(
     rt: Runtime, sandbox: Sandbox, clock: FixedClock, web: TestClient
 ) -> None:
     """The customer asks to cancel at the end of the current period (before the renewal date):
