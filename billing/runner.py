@@ -73,7 +73,7 @@ def follow_charges(pending: Sequence[AsyncResult], timeout: float) -> dict[str, 
         for task in pending:
             remaining = max(0.1, deadline - time.monotonic())
             try:
-                report = task.get(timeout=remaining, propagate=True)
+                report = task.get(timeout=remaining, propagate=True, interval=0.05)
             except ResultTimeout:
                 outcomes["not settled (TimeoutError)"] += 1
                 not_settled.append(str(task.id))
