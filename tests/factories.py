@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
 from sqlalchemy import select
 
 from billing.attempts import order_prefix
@@ -148,3 +153,90 @@ class Monotonic:
 
     def __call__(self) -> float:
         return self.now
+
+
+# -- the pay links and the hosted page ---------------------------------------------------------
+
+
+def return_path(url: str) -> str:
+    """The path and query of a URL (where Fatora sends the payer back to)."""
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+def open_page(web: Any, path: str) -> str:
+    """Open a pay or renew link on the web app; the sandbox's paymentID it redirects to."""
+    opened = web.get(path, follow_redirects=False)
+    assert opened.status_code == 303, opened.text
+    return str(parse_qs(urlsplit(opened.headers["location"]).query)["paymentID"][0])
+
+
+def renew_link(rt: Runtime, sub_id: int) -> str:
+    """The link the expiry notice sends for the subscription's coming renewal."""
+    from billing.services import paylink
+
+    due = subscription_of(rt, sub_id).next_billing_at
+    assert due is not None
+    return paylink.renew_link_for(rt.vault, sub_id, due)
+
+
+def invoices_of(rt: Runtime, sub_id: int) -> list[Invoice]:
+    with rt.sessions() as session:
+        return list(
+            session.execute(
+                select(Invoice).where(Invoice.subscription_id == sub_id).order_by(Invoice.id)
+            ).scalars()
+        )
+
+
+class RefundTap(httpx.BaseTransport):
+    """The sandbox behind a transport that counts refund requests and plays the bad days of a
+    refund: a connection refused, a 400, an answer lost after the refund was made, a process
+    killed before or after sending, a request held (for races), and a verify that does not
+    show the refund yet (``hide_refund`` answers)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        from billing.fatora.sandbox import SandboxTransport
+
+        self.inner = SandboxTransport(sandbox)
+        self.refund_calls = 0
+        self.refuse_to_connect = 0
+        self.die_before = 0
+        self.refuse = 0
+        self.lose_answers = 0
+        self.die_after = 0
+        self.hide_refund = 0
+        self.hold: threading.Event | None = None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/payments/refund"):
+            if self.refuse_to_connect:
+                self.refuse_to_connect -= 1
+                raise httpx.ConnectError("connection refused", request=request)
+            if self.die_before:
+                self.die_before -= 1
+                raise SystemExit("killed before sending")
+            self.refund_calls += 1
+            if self.hold is not None:
+                self.hold.wait(5)
+            if self.refuse:
+                self.refuse -= 1
+                body = {"status": "FAILURE", "error": {"description": "bad"}}
+                return httpx.Response(400, json=body, request=request)
+            response = self.inner.handle_request(request)
+            if self.die_after:
+                self.die_after -= 1
+                raise SystemExit("killed after Fatora refunded")
+            if self.lose_answers:
+                self.lose_answers -= 1
+                raise httpx.ReadTimeout("the answer was lost", request=request)
+            return response
+        response = self.inner.handle_request(request)
+        if request.url.path.endswith("/payments/verify") and self.hide_refund:
+            self.hide_refund -= 1
+            response.read()
+            body = json.loads(response.content)
+            if isinstance(body.get("result"), dict):
+                body["result"]["refund_details"] = None
+            return httpx.Response(response.status_code, json=body, request=request)
+        return response

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -25,6 +26,7 @@ from billing.locks import PostgresAdvisoryLocker
 from billing.migrate import upgrade
 from billing.models import Base
 from billing.runtime import Runtime
+from tests.factories import RefundTap
 
 PG_URL = os.environ.get(
     "BILLING_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -144,3 +146,30 @@ def rt(clean_db: Engine, sandbox: Sandbox, clock: FixedClock, vault: TokenVault)
 
 
 AMOUNT = Decimal("50.00")
+
+
+@pytest.fixture()
+def web(rt: Runtime) -> Any:
+    """`billing web` in process, on the test's runtime."""
+    from starlette.testclient import TestClient
+
+    from billing.web import create_app
+
+    return TestClient(create_app(lambda: rt), base_url="http://billing.test")
+
+
+@pytest.fixture()
+def tap(sandbox: Sandbox) -> RefundTap:
+    return RefundTap(sandbox)
+
+
+@pytest.fixture()
+def rtx(
+    clean_db: Engine, sandbox: Sandbox, clock: FixedClock, vault: TokenVault, tap: RefundTap
+) -> Runtime:
+    """A runtime whose gateway goes through ``tap`` (the refund's bad days)."""
+    rt = make_runtime(clean_db, sandbox, clock, vault)
+    rt.gateway = FatoraClient(
+        "http://sandbox.test/v1", sandbox.api_key, mode="test", timeout_s=5, transport=tap
+    )
+    return rt

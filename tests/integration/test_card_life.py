@@ -23,33 +23,17 @@ from billing.services.charging import collect_invoices
 from billing.services.customers import add_card, add_customer
 from billing.services.errors import BillingError
 from billing.services.subscriptions import cancel, plan_by_code, start_with_checkout
-from billing.web import create_app
 from schedules.sweeps import due_retries
 from tests.factories import (
     invoice_of,
     renew,
+    renew_link,
+    return_path,
     seed_plans,
     subscriber,
     subscription_of,
     successful_charges,
 )
-
-
-@pytest.fixture()
-def web(rt: Runtime) -> TestClient:
-    return TestClient(create_app(lambda: rt), base_url="http://billing.test")
-
-
-def _renew_link(rt: Runtime, sub_id: int) -> str:
-    """The link the expiry notice sends for the subscription's coming renewal."""
-    due = subscription_of(rt, sub_id).next_billing_at
-    assert due is not None
-    return paylink.renew_link_for(rt.vault, sub_id, due)
-
-
-def _path(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.path}?{parts.query}"
 
 
 def _pay_at(web: TestClient, sandbox: Sandbox, path: str) -> str:
@@ -121,9 +105,9 @@ def test_the_renew_ahead_link_pays_the_next_period_with_a_new_card(
     clock.advance(renewal - clock.now() - timedelta(days=5))
     _age_card(rt, old_card, timedelta(days=3))  # dies before the renewal
 
-    link = _renew_link(rt, sub_id)
+    link = renew_link(rt, sub_id)
     back = _pay_at(web, sandbox, urlsplit(link).path)
-    page = web.get(_path(back))
+    page = web.get(return_path(back))
     assert page.status_code == 200 and "Thank you" in page.text
 
     with rt.sessions() as session:
@@ -162,7 +146,7 @@ def test_a_renew_link_refuses_what_it_should(
     collect_invoices(rt, [first])
     forged = web.get(f"/renew/{sub_id}-AAAAAAAAAAAAAAAAAAAAAAAA", follow_redirects=False)
     assert forged.status_code == 400
-    link = urlsplit(_renew_link(rt, sub_id)).path
+    link = urlsplit(renew_link(rt, sub_id)).path
     early = web.get(link, follow_redirects=False)
     assert early.status_code == 200 and "Nothing to pay yet" in early.text
     sub = subscription_of(rt, sub_id)
@@ -222,7 +206,7 @@ def test_a_subscription_started_by_link_is_active_once_paid_and_keeps_the_card(
     assert due_retries(rt) == [] and renew(rt) == []
 
     back = _pay_at(web, sandbox, f"/pay/{paylink.reference(rt.vault, invoice_id)}")
-    assert "Thank you" in web.get(_path(back)).text
+    assert "Thank you" in web.get(return_path(back)).text
     sub = subscription_of(rt, sub_id)
     invoice = invoice_of(rt, invoice_id)
     assert invoice.status == InvoiceStatus.PAID.value

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from datetime import timedelta
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -28,7 +28,6 @@ from billing.models import (
     CardToken,
     ChargeAttempt,
     Event,
-    Invoice,
     Subscription,
 )
 from billing.refunds import RefundStatus
@@ -44,50 +43,22 @@ from billing.services.subscriptions import (
     plan_by_code,
     start_with_checkout,
 )
-from billing.web import create_app
 from schedules.sweeps import due_retries, run_janitor
 from tests.factories import (
+    RefundTap,
     age_attempts,
     invoice_of,
+    invoices_of,
+    open_page,
     renew,
+    renew_link,
+    return_path,
     seed_plans,
     subscriber,
     subscription_of,
     successful_charges,
 )
 from tests.integration.conftest import make_runtime
-
-
-@pytest.fixture()
-def web(rt: Runtime) -> TestClient:
-    return TestClient(create_app(lambda: rt), base_url="http://billing.test")
-
-
-def _renew_link(rt: Runtime, sub_id: int) -> str:
-    """The link the expiry notice sends for the subscription's coming renewal."""
-    due = subscription_of(rt, sub_id).next_billing_at
-    assert due is not None
-    return paylink.renew_link_for(rt.vault, sub_id, due)
-
-
-def _path(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.path}?{parts.query}"
-
-
-def _open_page(web: TestClient, path: str) -> str:
-    opened = web.get(path, follow_redirects=False)
-    assert opened.status_code == 303, opened.text
-    return parse_qs(urlsplit(opened.headers["location"]).query)["paymentID"][0]
-
-
-def _invoices(rt: Runtime, sub_id: int) -> list[Invoice]:
-    with rt.sessions() as session:
-        return list(
-            session.execute(
-                select(Invoice).where(Invoice.subscription_id == sub_id).order_by(Invoice.id)
-            ).scalars()
-        )
 
 
 def _events(rt: Runtime, kind: str) -> list[Event]:
@@ -113,10 +84,10 @@ def _abandoned_renew_ahead(
     renewal = subscription_of(rt, sub_id).next_billing_at
     assert renewal is not None
     clock.advance(renewal - clock.now() - timedelta(days=5))
-    _open_page(web, urlsplit(_renew_link(rt, sub_id)).path)
+    open_page(web, urlsplit(renew_link(rt, sub_id)).path)
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)  # the page was never paid
     run_janitor(rt, everything=True)
-    ahead = _invoices(rt, sub_id)[-1]
+    ahead = invoices_of(rt, sub_id)[-1]
     assert ahead.period_start == renewal and ahead.status == InvoiceStatus.OPEN.value
     return sub_id, ahead.id
 
@@ -176,14 +147,14 @@ def test_a_renew_ahead_page_paid_after_a_pause_is_raised(
     renewal = subscription_of(rt, sub_id).next_billing_at
     assert renewal is not None
     clock.advance(renewal - clock.now() - timedelta(days=5))
-    payment_id = _open_page(web, urlsplit(_renew_link(rt, sub_id)).path)
+    payment_id = open_page(web, urlsplit(renew_link(rt, sub_id)).path)
     with rt.sessions() as session, session.begin():
         row = session.get(Subscription, sub_id)
         assert row is not None
         pause(session, row, clock.now())
     back = sandbox.pay(payment_id, "4111111111111111")
-    web.get(_path(back))
-    ahead = _invoices(rt, sub_id)[-1]
+    web.get(return_path(back))
+    ahead = invoices_of(rt, sub_id)[-1]
     assert ahead.period_start == renewal
     alerts = [e.kind for e in _events(rt, "alert.paid_after_cancel")] + [
         e.kind for e in _events(rt, "alert.duplicate_payment")
@@ -237,10 +208,10 @@ def test_a_first_payment_link_expires_and_a_late_payment_buys_a_period_from_now(
             session, customer=who, plan=plan_by_code(session, "monthly"), now=clock.now()
         )
         late_sub = sub.id
-    payment_id = _open_page(web, f"/pay/{paylink.reference(rt.vault, second)}")
+    payment_id = open_page(web, f"/pay/{paylink.reference(rt.vault, second)}")
     clock.advance(timedelta(days=35))  # the tab stays open; paid after the period ended
     back = sandbox.pay(payment_id, "4111111111111111")
-    assert "Thank you" in web.get(_path(back)).text
+    assert "Thank you" in web.get(return_path(back)).text
     _collect_everything_due(rt)
     assert len([c for c in sandbox.charges() if c["status"] == "SUCCESS"]) == 1
     paid_sub = subscription_of(rt, late_sub)
@@ -284,50 +255,6 @@ def test_a_restore_never_schedules_an_invoice_only_the_link_pays(
 
 # -- refunds: a lagging verify sends a second refund, and 'already refunded' is recorded as
 #        'rejected' --------------------------------------------------------------------------
-
-
-class RefundTap(httpx.BaseTransport):
-    """The sandbox; loses refund answers on demand, and hides refund_details from verify while
-    ``hide_refund`` > 0 (verify lagging the refund, as it may lag a charge)."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.inner = SandboxTransport(sandbox)
-        self.refund_calls = 0
-        self.lose_answers = 0
-        self.hide_refund = 0
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
-        path = request.url.path
-        if path.endswith("/payments/refund"):
-            self.refund_calls += 1
-            if self.lose_answers:
-                self.lose_answers -= 1
-                raise httpx.ReadTimeout("the answer was lost", request=request)
-        if path.endswith("/payments/verify") and self.hide_refund:
-            self.hide_refund -= 1
-            response.read()
-            body = json.loads(response.content)
-            if isinstance(body.get("result"), dict):
-                body["result"]["refund_details"] = None
-            return httpx.Response(response.status_code, json=body, request=request)
-        return response
-
-
-@pytest.fixture()
-def tap(sandbox: Sandbox) -> RefundTap:
-    return RefundTap(sandbox)
-
-
-@pytest.fixture()
-def rtx(
-    clean_db: Engine, sandbox: Sandbox, clock: FixedClock, vault: TokenVault, tap: RefundTap
-) -> Runtime:
-    rt = make_runtime(clean_db, sandbox, clock, vault)
-    rt.gateway = FatoraClient(
-        "http://sandbox.test/v1", sandbox.api_key, mode="test", timeout_s=5, transport=tap
-    )
-    return rt
 
 
 def test_a_lost_refund_answer_and_a_lagging_verify_neither_ask_twice_nor_record_rejected(
@@ -537,11 +464,11 @@ def test_a_renew_link_pays_one_renewal_only(
     (first,) = renew(rt)
     assert collect_invoices(rt, [first]).results[first] == "paid"
     clock.advance(timedelta(days=3))
-    path = urlsplit(_renew_link(rt, sub_id)).path
-    back = sandbox.pay(_open_page(web, path), "4111111111111111")
-    assert "Thank you" in web.get(_path(back)).text
+    path = urlsplit(renew_link(rt, sub_id)).path
+    back = sandbox.pay(open_page(web, path), "4111111111111111")
+    assert "Thank you" in web.get(return_path(back)).text
     again = web.get(path, follow_redirects=False)
-    invoices = _invoices(rt, sub_id)
+    invoices = invoices_of(rt, sub_id)
     assert again.status_code == 200 and "Nothing to pay yet" in again.text, (
         f"second click: HTTP {again.status_code}; invoices now "
         f"{[(i.period_start.date(), i.status) for i in invoices]}"

@@ -6,22 +6,18 @@ is never asked twice nor recorded wrongly."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from billing.attempts import SEND_WINDOW
 from billing.clock import FixedClock
-from billing.crypto import TokenVault
-from billing.fatora.client import FatoraClient
-from billing.fatora.sandbox import Sandbox, SandboxTransport
+from billing.fatora.sandbox import Sandbox
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
-from billing.models import Event, Invoice, Refund, Subscription
+from billing.models import Event, Refund, Subscription
 from billing.refunds import RefundStatus
 from billing.runtime import Runtime
 from billing.services import paylink
@@ -35,44 +31,21 @@ from billing.services.subscriptions import (
     resume,
     start_with_checkout,
 )
-from billing.web import create_app
 from schedules.sweeps import due_retries, run_janitor
 from tests.factories import (
+    RefundTap,
     age_attempts,
     invoice_of,
+    invoices_of,
+    open_page,
     plans_config,
     renew,
+    return_path,
     seed_plans,
     subscriber,
     subscription_of,
     successful_charges,
 )
-from tests.integration.conftest import make_runtime
-
-
-@pytest.fixture()
-def web(rt: Runtime) -> TestClient:
-    return TestClient(create_app(lambda: rt), base_url="http://billing.test")
-
-
-def _path(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.path}?{parts.query}"
-
-
-def _open_page(web: TestClient, path: str) -> str:
-    opened = web.get(path, follow_redirects=False)
-    assert opened.status_code == 303, opened.text
-    return parse_qs(urlsplit(opened.headers["location"]).query)["paymentID"][0]
-
-
-def _invoices(rt: Runtime, sub_id: int) -> list[Invoice]:
-    with rt.sessions() as session:
-        return list(
-            session.execute(
-                select(Invoice).where(Invoice.subscription_id == sub_id).order_by(Invoice.id)
-            ).scalars()
-        )
 
 
 def _alerts(rt: Runtime) -> list[str]:
@@ -114,9 +87,9 @@ def _pay_ahead(rt: Runtime, sandbox: Sandbox, clock: FixedClock, web: TestClient
     renewal = subscription_of(rt, sub_id).next_billing_at
     assert renewal is not None
     clock.advance(renewal - clock.now() - timedelta(days=5))
-    back = sandbox.pay(_open_page(web, _renew_path(rt, sub_id)), "4111111111111111")
-    assert "Thank you" in web.get(_path(back)).text
-    ahead = _invoices(rt, sub_id)[-1]
+    back = sandbox.pay(open_page(web, _renew_path(rt, sub_id)), "4111111111111111")
+    assert "Thank you" in web.get(return_path(back)).text
+    ahead = invoices_of(rt, sub_id)[-1]
     assert ahead.period_start == renewal and ahead.status == InvoiceStatus.PAID.value
     return sub_id
 
@@ -128,7 +101,7 @@ def test_paid_ahead_then_cancel_at_period_end_keeps_the_paid_period(
     rt: Runtime, sandbox: Sandbox, clock: FixedClock, web: TestClient
 ) -> None:
     sub_id = _pay_ahead(rt, sandbox, clock, web)
-    ahead = _invoices(rt, sub_id)[-1]
+    ahead = invoices_of(rt, sub_id)[-1]
     with rt.sessions() as session, session.begin():
         row = session.get(Subscription, sub_id)
         assert row is not None
@@ -152,7 +125,7 @@ def test_paid_ahead_then_pause_and_resume_does_not_bill_the_paid_period_again(
     rt: Runtime, sandbox: Sandbox, clock: FixedClock, web: TestClient
 ) -> None:
     sub_id = _pay_ahead(rt, sandbox, clock, web)
-    ahead = _invoices(rt, sub_id)[-1]
+    ahead = invoices_of(rt, sub_id)[-1]
     with rt.sessions() as session, session.begin():
         row = session.get(Subscription, sub_id)
         assert row is not None
@@ -165,7 +138,7 @@ def test_paid_ahead_then_pause_and_resume_does_not_bill_the_paid_period_again(
         resume(session, row, clock.now())
     _collect_everything_due(rt)
     later = [
-        i for i in _invoices(rt, sub_id) if i.id != ahead.id and i.created_at > ahead.created_at
+        i for i in invoices_of(rt, sub_id) if i.id != ahead.id and i.created_at > ahead.created_at
     ]
     overlapping = [
         (i.period_start, i.status)
@@ -190,7 +163,7 @@ def test_paid_ahead_then_cancel_now_is_raised(
         row = session.get(Subscription, sub_id)
         assert row is not None
         cancel(session, row, clock.now(), at_period_end=False)
-    ahead = _invoices(rt, sub_id)[-1]
+    ahead = invoices_of(rt, sub_id)[-1]
     assert ahead.status != InvoiceStatus.PAID.value or _alerts(rt), (
         f"invoice {ahead.id} for {ahead.period_start:%F}.. (not begun) stays paid after an "
         "immediate cancel; no alert, no refund expectation"
@@ -207,7 +180,7 @@ def test_pause_then_resume_before_the_renewal_still_bills_the_period(
     renewal = subscription_of(rt, sub_id).next_billing_at
     assert renewal is not None
     clock.advance(renewal - clock.now() - timedelta(days=5))
-    _open_page(web, _renew_path(rt, sub_id))  # looked at the page, closed it
+    open_page(web, _renew_path(rt, sub_id))  # looked at the page, closed it
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     run_janitor(rt, everything=True)
     with rt.sessions() as session, session.begin():
@@ -222,7 +195,7 @@ def test_pause_then_resume_before_the_renewal_still_bills_the_period(
     clock.advance(renewal - clock.now() + timedelta(hours=1))
     _collect_everything_due(rt)
     sub = subscription_of(rt, sub_id)
-    period = [i for i in _invoices(rt, sub_id) if i.period_start == renewal]
+    period = [i for i in invoices_of(rt, sub_id) if i.period_start == renewal]
     assert sub.current_period_start == renewal  # the subscription moved into the period
     assert any(i.status in (InvoiceStatus.OPEN.value, InvoiceStatus.PAID.value) for i in period), (
         f"subscription {sub.status} in period {renewal:%F}..{sub.current_period_end:%F}, its "
@@ -240,14 +213,14 @@ def test_renewal_taking_over_an_ahead_invoice_charges_the_price_of_the_period(
     renewal = subscription_of(rt, sub_id).next_billing_at
     assert renewal is not None
     clock.advance(renewal - clock.now() - timedelta(days=5))
-    _open_page(web, _renew_path(rt, sub_id))
+    open_page(web, _renew_path(rt, sub_id))
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     run_janitor(rt, everything=True)
     clock.advance(timedelta(days=1))
     seed_plans(rt, plans_config("30.00"))  # the price falls from 50 to 30 before the renewal
     clock.advance(renewal - clock.now() + timedelta(hours=1))
     _collect_everything_due(rt)
-    (invoice,) = [i for i in _invoices(rt, sub_id) if i.period_start == renewal]
+    (invoice,) = [i for i in invoices_of(rt, sub_id) if i.period_start == renewal]
     charged = successful_charges(rt, sandbox, invoice.id)
     assert invoice.amount_minor == 3000, (
         f"the worker charged {[c['amount'] for c in charged]} ({invoice.amount_minor} minor) "
@@ -270,7 +243,7 @@ def test_first_payment_link_not_expired_while_a_closed_page_is_still_watched(
         )
         sub_id = sub.id
     clock.advance(timedelta(hours=23, minutes=59))
-    payment_id = _open_page(web, f"/pay/{paylink.reference(rt.vault, invoice_id)}")
+    payment_id = open_page(web, f"/pay/{paylink.reference(rt.vault, invoice_id)}")
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     clock.advance(timedelta(minutes=10))
     run_janitor(rt, everything=True)  # the page is closed unpaid (watched for 7 days)
@@ -299,8 +272,8 @@ def test_an_ahead_invoice_left_by_a_pause_is_not_payable_after_its_page_closed(
     renewal = subscription_of(rt, sub_id).next_billing_at
     assert renewal is not None
     clock.advance(renewal - clock.now() - timedelta(days=5))
-    _open_page(web, _renew_path(rt, sub_id))  # the page is open...
-    ahead = _invoices(rt, sub_id)[-1]
+    open_page(web, _renew_path(rt, sub_id))  # the page is open...
+    ahead = invoices_of(rt, sub_id)[-1]
     with rt.sessions() as session, session.begin():
         row = session.get(Subscription, sub_id)
         assert row is not None
@@ -317,7 +290,7 @@ def test_an_ahead_invoice_left_by_a_pause_is_not_payable_after_its_page_closed(
     opened = web.get(f"/pay/{paylink.reference(rt.vault, ahead.id)}", follow_redirects=False)
     if opened.status_code == 303:
         payment_id = parse_qs(urlsplit(opened.headers["location"]).query)["paymentID"][0]
-        web.get(_path(sandbox.pay(payment_id, "4111111111111111")))
+        web.get(return_path(sandbox.pay(payment_id, "4111111111111111")))
     sub = subscription_of(rt, sub_id)
     assert opened.status_code != 303 or _alerts(rt), (
         f"invoice {ahead.id} ({ahead.period_start:%F}..{ahead.period_end:%F}) left open by the "
@@ -337,12 +310,12 @@ def test_the_renewal_does_not_charge_the_card_while_the_ahead_page_is_open(
     renewal = subscription_of(rt, sub_id).next_billing_at
     assert renewal is not None
     clock.advance(renewal - clock.now() - timedelta(minutes=1))
-    payment_id = _open_page(web, _renew_path(rt, sub_id))
-    ahead = _invoices(rt, sub_id)[-1]
+    payment_id = open_page(web, _renew_path(rt, sub_id))
+    ahead = invoices_of(rt, sub_id)[-1]
     clock.advance(timedelta(minutes=2))
     _collect_everything_due(rt)
     assert successful_charges(rt, sandbox, ahead.id) == []
-    web.get(_path(sandbox.pay(payment_id, "4111111111111111")))
+    web.get(return_path(sandbox.pay(payment_id, "4111111111111111")))
     _collect_everything_due(rt)
     run_janitor(rt, everything=True)
     assert len(successful_charges(rt, sandbox, ahead.id)) == 1
@@ -362,65 +335,11 @@ def test_the_renew_link_with_microseconds_opens_the_page(
         row.next_billing_at = row.next_billing_at + timedelta(microseconds=999_999)
     renewal = subscription_of(rt, sub_id).next_billing_at
     clock.advance(renewal - clock.now() - timedelta(days=5))
-    _open_page(web, _renew_path(rt, sub_id))
-    assert _invoices(rt, sub_id)[-1].link_only
+    open_page(web, _renew_path(rt, sub_id))
+    assert invoices_of(rt, sub_id)[-1].link_only
 
 
 # -- 10. refunds: a run killed between its two phases; a refusal asked again ------------------
-
-
-class Tap(httpx.BaseTransport):
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.inner = SandboxTransport(sandbox)
-        self.calls = 0
-        self.die_before = 0  # the process dies before the request leaves
-        self.die_after = 0  # the process dies after Fatora refunded
-        self.refuse = 0  # Fatora answers 400, nothing moves
-        self.hide = 0
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/payments/refund"):
-            if self.die_before:
-                self.die_before -= 1
-                raise SystemExit("killed before sending")
-            self.calls += 1
-            if self.refuse:
-                self.refuse -= 1
-                return httpx.Response(
-                    400,
-                    json={"status": "FAILURE", "error": {"description": "bad"}},
-                    request=request,
-                )
-            response = self.inner.handle_request(request)
-            if self.die_after:
-                self.die_after -= 1
-                raise SystemExit("killed after Fatora refunded")
-            return response
-        response = self.inner.handle_request(request)
-        if request.url.path.endswith("/payments/verify") and self.hide:
-            self.hide -= 1
-            response.read()
-            body = json.loads(response.content)
-            if isinstance(body.get("result"), dict):
-                body["result"]["refund_details"] = None
-            return httpx.Response(response.status_code, json=body, request=request)
-        return response
-
-
-@pytest.fixture()
-def tap(sandbox: Sandbox) -> Tap:
-    return Tap(sandbox)
-
-
-@pytest.fixture()
-def rtx(
-    clean_db: Engine, sandbox: Sandbox, clock: FixedClock, vault: TokenVault, tap: Tap
-) -> Runtime:
-    rt = make_runtime(clean_db, sandbox, clock, vault)
-    rt.gateway = FatoraClient(
-        "http://sandbox.test/v1", sandbox.api_key, mode="test", timeout_s=5, transport=tap
-    )
-    return rt
 
 
 def _age_refunds(rt: Runtime, by: timedelta) -> None:
@@ -435,7 +354,7 @@ def _refunded(sandbox: Sandbox) -> int:
 
 
 def test_refund_killed_before_sending_is_asked_once_after_the_grace(
-    rtx: Runtime, sandbox: Sandbox, tap: Tap
+    rtx: Runtime, sandbox: Sandbox, tap: RefundTap
 ) -> None:
     seed_plans(rtx)
     subscriber(rtx, sandbox, ["success"])
@@ -445,33 +364,35 @@ def test_refund_killed_before_sending_is_asked_once_after_the_grace(
     with pytest.raises(SystemExit):
         refund_invoice(rtx, invoice_id)
     again = refund_invoice(rtx, invoice_id)  # inside the grace: verify shows none, wait
-    assert again.status is RefundStatus.REQUESTED and not again.asked and tap.calls == 0
+    assert again.status is RefundStatus.REQUESTED and not again.asked and tap.refund_calls == 0
     _age_refunds(rtx, rtx.unknown_grace)
     done = refund_invoice(rtx, invoice_id)
-    assert done.status is RefundStatus.COMPLETED and tap.calls == 1 and _refunded(sandbox) == 1
+    assert (
+        done.status is RefundStatus.COMPLETED and tap.refund_calls == 1 and _refunded(sandbox) == 1
+    )
 
 
 def test_refund_killed_after_fatora_refunded_with_a_lagging_verify(
-    rtx: Runtime, sandbox: Sandbox, tap: Tap
+    rtx: Runtime, sandbox: Sandbox, tap: RefundTap
 ) -> None:
     seed_plans(rtx)
     subscriber(rtx, sandbox, ["success"])
     (invoice_id,) = renew(rtx)
     assert collect_invoices(rtx, [invoice_id]).results[invoice_id] == "paid"
-    tap.die_after, tap.hide = 1, 10
+    tap.die_after, tap.hide_refund = 1, 10
     with pytest.raises(SystemExit):
         refund_invoice(rtx, invoice_id)
     assert refund_invoice(rtx, invoice_id).status is RefundStatus.REQUESTED
     _age_refunds(rtx, rtx.unknown_grace)
     third = refund_invoice(rtx, invoice_id)  # asked again: 422 already refunded
     assert third.status is RefundStatus.REQUESTED, third
-    tap.hide = 0
+    tap.hide_refund = 0
     final = refund_invoice(rtx, invoice_id)
     assert final.status is RefundStatus.COMPLETED and _refunded(sandbox) == 1
 
 
 def test_a_refused_refund_is_asked_again_and_completes_once(
-    rtx: Runtime, sandbox: Sandbox, tap: Tap
+    rtx: Runtime, sandbox: Sandbox, tap: RefundTap
 ) -> None:
     seed_plans(rtx)
     subscriber(rtx, sandbox, ["success"])
@@ -483,7 +404,7 @@ def test_a_refused_refund_is_asked_again_and_completes_once(
     second = refund_invoice(rtx, invoice_id)
     assert second.status is RefundStatus.COMPLETED and second.asked
     third = refund_invoice(rtx, invoice_id)
-    assert third.already and tap.calls == 2 and _refunded(sandbox) == 1
+    assert third.already and tap.refund_calls == 2 and _refunded(sandbox) == 1
     with rtx.sessions() as session:
         row = session.execute(select(Refund)).scalar_one()
         assert row.tries == 2
@@ -506,7 +427,7 @@ def test_the_renew_link_after_its_renewal_pays_the_renewal_invoice(
             card.expires_at = renewal - timedelta(days=1)  # the token dies before the renewal
     clock.advance(renewal - clock.now() + timedelta(hours=1))
     _collect_everything_due(rt)
-    (due,) = [i for i in _invoices(rt, sub_id) if i.period_start == renewal]
+    (due,) = [i for i in invoices_of(rt, sub_id) if i.period_start == renewal]
     assert due.status == InvoiceStatus.OPEN.value
     clock.advance(timedelta(days=1))
     clicked = web.get(path, follow_redirects=False)
@@ -528,8 +449,8 @@ def test_an_ahead_invoice_whose_renewal_has_not_run_is_not_payable_while_paused(
     assert renewal is not None
     path = _renew_path(rt, sub_id)
     clock.advance(renewal - clock.now() + timedelta(minutes=1))  # due; the pass has not run
-    _open_page(web, path)
-    ahead = _invoices(rt, sub_id)[-1]
+    open_page(web, path)
+    ahead = invoices_of(rt, sub_id)[-1]
     assert ahead.link_only and ahead.period_start == renewal
     age_attempts(rt, SEND_WINDOW + rt.unknown_grace)
     run_janitor(rt, everything=True)  # closed unpaid

@@ -18,13 +18,13 @@ from billing.models import CardToken, Event
 from billing.runtime import Runtime
 from billing.services import paylink
 from billing.services.charging import collect_invoices
-from billing.web import create_app
 from schedules.sweeps import run_janitor
 from tests.factories import (
     age_attempts,
     attempts_of,
     invoice_of,
     renew,
+    return_path,
     seed_plans,
     subscriber,
     subscription_of,
@@ -42,11 +42,6 @@ def declined(rt: Runtime, sandbox: Sandbox) -> int:
     return invoice_id
 
 
-@pytest.fixture()
-def web(rt: Runtime) -> TestClient:
-    return TestClient(create_app(lambda: rt), base_url="http://billing.test")
-
-
 def _pay(web: TestClient, sandbox: Sandbox, rt: Runtime, invoice_id: int) -> str:
     """Open the link, pay on the hosted page; the URL Fatora sends the customer back to."""
     ref = paylink.reference(rt.vault, invoice_id)
@@ -54,11 +49,6 @@ def _pay(web: TestClient, sandbox: Sandbox, rt: Runtime, invoice_id: int) -> str
     assert opened.status_code == 303
     payment_id = parse_qs(urlsplit(opened.headers["location"]).query)["paymentID"][0]
     return sandbox.pay(payment_id, "4111111111111111")
-
-
-def _path(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.path}?{parts.query}"
 
 
 def _events(rt: Runtime, kind: str) -> int:
@@ -72,7 +62,7 @@ def test_the_link_recovers_the_invoice_and_replaces_the_card(
     """A declined customer pays through the link: the invoice is paid once, the subscription is
     active again and charged from now on with the new card, stored byte for byte."""
     back = _pay(web, sandbox, rt, declined)
-    page = web.get(_path(back))
+    page = web.get(return_path(back))
     assert page.status_code == 200 and "Thank you" in page.text
     invoice = invoice_of(rt, declined)
     assert invoice.status == InvoiceStatus.PAID.value
@@ -93,9 +83,9 @@ def test_the_success_page_called_again_changes_nothing(
     """Fatora may call the success page several times, and a redirect can be replayed: the
     second time settles nothing more, stores no second card and sends no second receipt."""
     back = _pay(web, sandbox, rt, declined)
-    web.get(_path(back))
+    web.get(return_path(back))
     before = (_events(rt, "invoice.paid"), _events(rt, "card.replaced"))
-    again = web.get(_path(back))
+    again = web.get(return_path(back))
     assert again.status_code == 200 and "Thank you" in again.text
     assert (_events(rt, "invoice.paid"), _events(rt, "card.replaced")) == before
     with rt.sessions() as session:
@@ -151,7 +141,7 @@ def test_an_arabic_customer_reads_the_page_right_to_left(
         for customer in session.execute(select(Customer)).scalars():
             customer.language = "ar"
     back = _pay(web, sandbox, rt, declined)
-    page = web.get(_path(back))
+    page = web.get(return_path(back))
     assert 'dir="rtl"' in page.text and "شكرًا" in page.text
 
 
@@ -185,7 +175,7 @@ def test_the_dunning_email_carries_the_link_that_recovers_the_invoice(
     assert link in failed[0].get_body(("plain",)).get_content()  # type: ignore[union-attr]
     opened = web.get(urlsplit(link).path, follow_redirects=False)
     payment_id = parse_qs(urlsplit(opened.headers["location"]).query)["paymentID"][0]
-    web.get(_path(sandbox.pay(payment_id, "4111111111111111")))
+    web.get(return_path(sandbox.pay(payment_id, "4111111111111111")))
     assert invoice_of(rt, declined).status == InvoiceStatus.PAID.value
     reset_settings_cache()
 
@@ -276,7 +266,7 @@ def test_a_card_that_cannot_be_stored_does_not_stop_the_payment_being_recorded(
 
     monkeypatch.setattr(FatoraClient, "verify", odd_token)
     back = _pay(web, sandbox, rt, declined)
-    assert web.get(_path(back)).status_code == 200
+    assert web.get(return_path(back)).status_code == 200
     assert invoice_of(rt, declined).status == InvoiceStatus.PAID.value
     assert _events(rt, "alert.card_not_adopted") == 1
 
@@ -310,7 +300,7 @@ def test_an_unpaid_subscription_comes_back_through_the_link(
     invoice = invoice_of(rt, invoice_id)
     assert invoice.status == InvoiceStatus.UNCOLLECTIBLE.value
     assert subscription_of(rt, invoice.subscription_id).status == SubscriptionStatus.UNPAID.value
-    web.get(_path(_pay(web, sandbox, rt, invoice_id)))
+    web.get(return_path(_pay(web, sandbox, rt, invoice_id)))
     invoice = invoice_of(rt, invoice_id)
     assert invoice.status == InvoiceStatus.PAID.value
     sub = subscription_of(rt, invoice.subscription_id)

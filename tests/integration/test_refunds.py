@@ -6,66 +6,17 @@ from __future__ import annotations
 
 import threading
 
-import httpx
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 
-from billing.clock import FixedClock
-from billing.crypto import TokenVault
-from billing.fatora.client import FatoraClient
 from billing.fatora.sandbox import Sandbox
-from billing.fatora.sandbox.transport import SandboxTransport
 from billing.models import Event, Refund
 from billing.refunds import RefundStatus
 from billing.runtime import Runtime
 from billing.services.charging import collect_invoices
 from billing.services.errors import BillingError
 from billing.services.refunds import refund_invoice
-from tests.factories import renew, seed_plans, subscriber
-from tests.integration.conftest import make_runtime
-
-
-class Tap(httpx.BaseTransport):
-    """The sandbox behind a transport that counts refund calls and can lose their answers
-    (the refund is made, the caller sees a timeout) or fail them before they are sent."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.inner = SandboxTransport(sandbox)
-        self.refund_calls = 0
-        self.lose_answers = 0
-        self.refuse_to_connect = 0
-        self.hold: threading.Event | None = None
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/payments/refund"):
-            if self.refuse_to_connect:
-                self.refuse_to_connect -= 1
-                raise httpx.ConnectError("connection refused", request=request)
-            self.refund_calls += 1
-            if self.hold is not None:
-                self.hold.wait(5)
-            response = self.inner.handle_request(request)
-            if self.lose_answers:
-                self.lose_answers -= 1
-                raise httpx.ReadTimeout("the answer was lost", request=request)
-            return response
-        return self.inner.handle_request(request)
-
-
-@pytest.fixture()
-def tap(sandbox: Sandbox) -> Tap:
-    return Tap(sandbox)
-
-
-@pytest.fixture()
-def rtx(
-    clean_db: Engine, sandbox: Sandbox, clock: FixedClock, vault: TokenVault, tap: Tap
-) -> Runtime:
-    rt = make_runtime(clean_db, sandbox, clock, vault)
-    rt.gateway = FatoraClient(
-        "http://sandbox.test/v1", sandbox.api_key, mode="test", timeout_s=5, transport=tap
-    )
-    return rt
+from tests.factories import RefundTap, renew, seed_plans, subscriber
 
 
 def _paid(rt: Runtime, sandbox: Sandbox) -> int:
@@ -86,7 +37,7 @@ def _events(rt: Runtime, kind: str) -> int:
 
 
 def test_a_paid_invoice_is_refunded_once_and_a_second_run_asks_nothing(
-    rtx: Runtime, sandbox: Sandbox, tap: Tap
+    rtx: Runtime, sandbox: Sandbox, tap: RefundTap
 ) -> None:
     """Protects: exactly one refund per invoice, recorded; running the command again is a
     no-op that says it was done already."""
@@ -103,7 +54,7 @@ def test_a_paid_invoice_is_refunded_once_and_a_second_run_asks_nothing(
 
 
 def test_a_lost_answer_is_followed_through_verify_and_never_asked_twice(
-    rtx: Runtime, sandbox: Sandbox, tap: Tap
+    rtx: Runtime, sandbox: Sandbox, tap: RefundTap
 ) -> None:
     """Protects: the refund's answer is lost after Fatora made it. It is on record as asked;
     the next run reads verify, finds the refund, and records it without a second request."""
@@ -118,7 +69,7 @@ def test_a_lost_answer_is_followed_through_verify_and_never_asked_twice(
 
 
 def test_a_refund_that_never_left_is_asked_again_on_the_next_run(
-    rtx: Runtime, sandbox: Sandbox, tap: Tap
+    rtx: Runtime, sandbox: Sandbox, tap: RefundTap
 ) -> None:
     """Protects: a refund that could not be sent (connection refused) stays on record as
     asked; the next run finds no refund through verify and asks, once."""
@@ -147,7 +98,9 @@ def test_only_a_paid_invoice_can_be_refunded(rtx: Runtime, sandbox: Sandbox) -> 
         assert session.execute(select(Refund)).first() is None
 
 
-def test_two_operators_at_once_send_one_refund(rtx: Runtime, sandbox: Sandbox, tap: Tap) -> None:
+def test_two_operators_at_once_send_one_refund(
+    rtx: Runtime, sandbox: Sandbox, tap: RefundTap
+) -> None:
     """Protects: two runs of the command at the same moment: the row lock lets one ask Fatora;
     the other is told a refund is being asked, and nothing is sent twice."""
     invoice_id = _paid(rtx, sandbox)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
-import pytest
 from starlette.testclient import TestClient
 
 from billing.clock import FixedClock
@@ -18,13 +17,7 @@ from billing.runtime import Runtime
 from billing.services import paylink
 from billing.services.charging import collect_invoices
 from billing.services.subscriptions import pause, resume
-from billing.web import create_app
 from tests.factories import invoice_of, renew, seed_plans, subscriber, subscription_of
-
-
-@pytest.fixture()
-def web(rt: Runtime) -> TestClient:
-    return TestClient(create_app(lambda: rt), base_url="http://billing.test")
 
 
 def _ladder_ends(rt: Runtime, sandbox: Sandbox, clock: FixedClock, final_action: str) -> int:
