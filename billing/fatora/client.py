@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
@@ -276,13 +277,22 @@ class FatoraClient:
             return parse_checkout(envelope)
 
     def collect_payment(
-        self, card_token: str, order_id: str, amount: Decimal, currency: str
+        self,
+        card_token: str,
+        order_id: str,
+        amount: Decimal,
+        currency: str,
+        *,
+        send_by: datetime | None = None,
     ) -> CollectResult:
         """Charge a stored card token. Settle only after ``verify`` confirms SUCCESS.
 
         Any SUCCESS or PENDING envelope is returned (the gateway took the charge, whatever its
         result says). Every other answer raises the error ``error_from_response`` maps it to;
         its ``answer`` says what it means for money (``billing.fatora.answers``).
+
+        ``send_by`` (system time): a request that could only leave later (its wait for a slot
+        under the gateway cap ran past it) is not sent; ``last_sent_at`` says when it left.
         """
         fields: dict[str, _Json] = {
             "card_token": _required(card_token, "card_token"),
@@ -292,7 +302,11 @@ class FatoraClient:
         }
         with self._redacting(card_token):
             response = self._post(
-                "/payments/collect-payment", fields, call="collect", order_id=order_id
+                "/payments/collect-payment",
+                fields,
+                call="collect",
+                order_id=order_id,
+                send_by=send_by,
             )
             envelope = self._envelope(response, charge=True, accept=_is_pending)
             try:
@@ -370,20 +384,43 @@ class FatoraClient:
         return str(self._base_url.copy_with(path=prefix + _REFUND_FALLBACK_PATH))
 
     def _post(
-        self, path: str, fields: Mapping[str, _Json], *, call: str, order_id: str | None
+        self,
+        path: str,
+        fields: Mapping[str, _Json],
+        *,
+        call: str,
+        order_id: str | None,
+        send_by: datetime | None = None,
     ) -> httpx.Response:
         """Send one request; every gateway call passes here. Under a gateway cap, the request
         is sent only once it holds a slot: else ``GatewayBusy``, a request that never left."""
         url = self._url(path)
         body = encode_body(fields)
         if self._cap is None:
-            return self._send(url, body, call=call, order_id=order_id)
+            return self._send(url, body, call=call, order_id=order_id, send_by=send_by)
         with self._cap.slot(call):
-            return self._send(url, body, call=call, order_id=order_id)
+            return self._send(url, body, call=call, order_id=order_id, send_by=send_by)
+
+    def last_sent_at(self) -> datetime | None:
+        """When this thread's latest request left (system time), after any wait for a slot."""
+        sent: datetime | None = getattr(self._local, "sent_at", None)
+        return sent
 
     def _send(
-        self, url: httpx.URL, body: bytes, *, call: str, order_id: str | None
+        self,
+        url: httpx.URL,
+        body: bytes,
+        *,
+        call: str,
+        order_id: str | None,
+        send_by: datetime | None = None,
     ) -> httpx.Response:
+        now = datetime.now(UTC)
+        if send_by is not None and now > send_by:
+            raise RequestRejected(
+                "request not sent: its time to be sent is over", answer=Answer.NOT_SENT
+            )
+        self._local.sent_at = now
         started = time.perf_counter()
         outcome: str = "error"
         result = "error"

@@ -760,15 +760,24 @@ def _charge(rt: Runtime, call: _Call, run: _Run) -> Outcome:
             description=f"card token cannot be read ({type(exc).__name__})",
             classification="internal",
         )
-    sent = replace(call, sent_wall_at=datetime.now(UTC))
+    before = datetime.now(UTC)
     try:
-        collected = rt.gateway.collect_payment(token, call.order_id, call.amount, call.currency)
+        collected = rt.gateway.collect_payment(
+            token,
+            call.order_id,
+            call.amount,
+            call.currency,
+            # A wait for a slot under the gateway cap must not push the send past the window
+            # a later 'not found' relies on.
+            send_by=call.created_wall_at + SEND_WINDOW,
+        )
     except FatoraError as exc:
-        return _after_collect_error(rt, sent, exc, run)
+        return _after_collect_error(rt, _sent(rt, call, before), exc, run)
     except Exception as exc:  # a bug after the request may have left: unknown, never lost
         log.exception("collect failed for attempt %s", call.attempt_id)
-        unclear = replace(sent, ending=CallEnding.NO_ANSWER)
+        unclear = replace(_sent(rt, call, before), ending=CallEnding.NO_ANSWER)
         return unclear.outcome(AttemptStatus.UNKNOWN, description=type(exc).__name__)
+    sent = _sent(rt, call, before)
     # The gateway took the charge: from now on a 'not found' is never read as 'not charged'.
     accepted = replace(
         sent,
@@ -776,6 +785,13 @@ def _charge(rt: Runtime, call: _Call, run: _Run) -> Outcome:
         transaction_id=collected.transaction_id or call.transaction_id,
     )
     return _verify(rt, accepted, datetime.now(UTC), run)
+
+
+def _sent(rt: Runtime, call: _Call, before: datetime) -> _Call:
+    """The call with the moment its request left: after any wait for a slot under the gateway
+    cap (the client notes it), never earlier than just before the call."""
+    left = rt.gateway.last_sent_at()
+    return replace(call, sent_wall_at=max(before, left) if left is not None else before)
 
 
 def _not_sent(call: _Call, reason: str) -> Outcome:

@@ -118,7 +118,7 @@ def test_a_failure_on_a_gateway_thread_is_logged_with_its_ids_and_never_the_toke
         sub_id = sub.id
     (invoice_id,) = renew(rt)
 
-    def broken_collect(card_token: str, *_: object) -> None:
+    def broken_collect(card_token: str, *_: object, **__: object) -> None:
         raise RuntimeError(f"connection reset while sending card token {card_token}")
 
     monkeypatch.setattr(rt.gateway, "collect_payment", broken_collect)

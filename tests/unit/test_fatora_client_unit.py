@@ -212,6 +212,28 @@ def test_collect_success_and_pending(make: Make) -> None:
     assert client.collect_payment(TOKEN, "O-1", Decimal("5"), "QAR").status is None
 
 
+def test_a_collect_past_its_send_by_is_never_sent_and_the_send_moment_is_noted(
+    make: Make,
+) -> None:
+    """Protects the bound a later 'not found' relies on: a request whose moment to be sent is
+    over (a wait for a slot under the gateway cap ran past it) never leaves; one that leaves
+    notes when it did, after any such wait."""
+    from datetime import UTC, datetime, timedelta
+
+    from billing.fatora.answers import Answer
+
+    client, gateway = make(ok({"order_id": "O-1", "payment_status": "SUCCESS"}))
+    late = datetime.now(UTC) - timedelta(seconds=1)
+    with pytest.raises(FatoraError) as refused:
+        client.collect_payment(TOKEN, "O-1", Decimal("5"), "QAR", send_by=late)
+    assert refused.value.answer is Answer.NOT_SENT
+    assert gateway.requests == [] and client.last_sent_at() is None
+    before = datetime.now(UTC)
+    client.collect_payment(TOKEN, "O-1", Decimal("5"), "QAR", send_by=before + timedelta(minutes=1))
+    sent = client.last_sent_at()
+    assert len(gateway.requests) == 1 and sent is not None and sent >= before
+
+
 @pytest.mark.parametrize(
     ("handler", "cls"),
     [
