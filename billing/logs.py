@@ -136,35 +136,70 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
-        self._configured: tuple[str, ...] = ()
+        self._configured: frozenset[str] = frozenset()
         self._registered: OrderedDict[str, None] = OrderedDict()
-        self._all: tuple[str, ...] = ()
+        # The secrets by length, longest first (a secret inside a longer one is masked after it):
+        # a line is checked one window per length and position, whatever the number of secrets.
+        self._by_length: dict[int, set[str]] = {}
+        self._lengths: tuple[int, ...] = ()
         self.configure(secrets)
 
     def configure(self, secrets: Iterable[str]) -> None:
         """Replace the configured secrets (the registered tokens stay)."""
         with self._lock:
-            self._configured = tuple(s for s in set(secrets) if len(s) >= MIN_SECRET)
-            self._refresh()
+            for secret in self._configured - set(self._registered):
+                self._forget(secret)
+            self._configured = frozenset(s for s in secrets if len(s) >= MIN_SECRET)
+            for secret in self._configured:
+                self._remember(secret)
 
     def register(self, *secrets: str) -> None:
         with self._lock:
             for secret in secrets:
-                if len(secret) >= MIN_SECRET:
-                    self._registered[secret] = None
+                if len(secret) < MIN_SECRET:
+                    continue
+                if secret in self._registered:
                     self._registered.move_to_end(secret)
+                    continue
+                self._registered[secret] = None
+                self._remember(secret)
             while len(self._registered) > REGISTERED_MAX:
-                self._registered.popitem(last=False)
-            self._refresh()
+                oldest, _ = self._registered.popitem(last=False)
+                if oldest not in self._configured:
+                    self._forget(oldest)
 
-    def _refresh(self) -> None:
-        known = set(self._configured) | set(self._registered)
-        self._all = tuple(sorted(known, key=len, reverse=True))  # longest first
+    def _remember(self, secret: str) -> None:
+        bucket = self._by_length.get(len(secret))
+        if bucket is None:
+            self._by_length[len(secret)] = {secret}
+            self._lengths = tuple(sorted(self._by_length, reverse=True))  # swapped whole
+        else:
+            bucket.add(secret)
+
+    def _forget(self, secret: str) -> None:
+        bucket = self._by_length.get(len(secret))
+        if bucket is not None:
+            bucket.discard(secret)
+
+    def _known_in(self, text: str) -> list[str]:
+        """The secrets found in ``text``, longest first."""
+        found: list[str] = []
+        size = len(text)
+        for length in self._lengths:
+            if length > size:
+                continue
+            bucket = self._by_length.get(length)
+            if not bucket:
+                continue
+            for start in range(size - length + 1):
+                window = text[start : start + length]
+                if window in bucket and window not in found:
+                    found.append(window)
+        return found
 
     def __call__(self, text: str) -> str:
-        for secret in self._all:  # a tuple swapped whole: safe to read while another thread adds
-            if secret in text:
-                text = text.replace(secret, MASK)
+        for secret in self._known_in(text):
+            text = text.replace(secret, MASK)
         text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{MASK}@", text)
         text = _BEARER.sub(lambda m: f"{m.group('head')}{MASK}", text)
         text = _CREDENTIAL_FIELD.sub(lambda m: f"{m.group('head')}{MASK}", text)
