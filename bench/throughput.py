@@ -59,6 +59,7 @@ from sqlalchemy.engine import make_url
 # Run from a checkout without installing: the project root is the parent of bench/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from billing.attempts import order_prefix
 from billing.clock import DatabaseClock
 from billing.config import reset_settings_cache
 from billing.crypto import TokenVault, new_key
@@ -364,8 +365,15 @@ def share(total: int, parts: int, index: int) -> int:
 def check_exactly_once(rt: Runtime, sandbox: Sandbox, invoice_ids: list[int]) -> None:
     """One SUCCESS sandbox charge per invoice, every invoice paid, every charge on record."""
     taken = [c for c in sandbox.charges() if c["status"] == "SUCCESS"]
-    per_invoice = Counter(str(c["order_id"]).split("-")[0] for c in taken)
-    expected = {f"INV{i}" for i in invoice_ids}
+    # An order id is its invoice's prefix (subscription and period) and the attempt number.
+    per_invoice = Counter(str(c["order_id"]).rsplit("-", 1)[0] + "-" for c in taken)
+    with rt.sessions() as session:
+        periods = session.execute(
+            select(Invoice.subscription_id, Invoice.period_start).where(
+                Invoice.id.in_(invoice_ids)
+            )
+        ).all()
+    expected = {order_prefix(sub_id, start) for sub_id, start in periods}
     problems: list[str] = []
     if set(per_invoice) != expected:
         missing = len(expected - set(per_invoice))
