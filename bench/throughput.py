@@ -369,9 +369,7 @@ def check_exactly_once(rt: Runtime, sandbox: Sandbox, invoice_ids: list[int]) ->
     per_invoice = Counter(str(c["order_id"]).rsplit("-", 1)[0] + "-" for c in taken)
     with rt.sessions() as session:
         periods = session.execute(
-            select(Invoice.subscription_id, Invoice.period_start).where(
-                Invoice.id.in_(invoice_ids)
-            )
+            select(Invoice.subscription_id, Invoice.period_start).where(Invoice.id.in_(invoice_ids))
         ).all()
     expected = {order_prefix(sub_id, start) for sub_id, start in periods}
     problems: list[str] = []
