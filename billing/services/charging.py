@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextvars import copy_context
 from dataclasses import dataclass, field, replace
@@ -266,11 +266,10 @@ def collect_invoices(
         if unresolved:
             now_wall = datetime.now(UTC)
             verify = lambda c: _verify(rt, c, now_wall, run)  # noqa: E731
-            _exchange(rt, pool, unresolved, verify, report, held, run)
+            _exchange(rt, pool, iter([unresolved]), verify, report, held, run)
         if not settle_only and not run.stop.is_set():
-            calls = _start_attempts(rt, held.ids, report)
-            if calls:
-                _exchange(rt, pool, calls, lambda c: _charge(rt, c, run), report, held, run)
+            waves = _written_ahead(rt, held.ids, report)
+            _exchange(rt, pool, waves, lambda c: _charge(rt, c, run), report, held, run)
     if run.stop.is_set():
         report.stopped = run.stop_reason
     return report
@@ -279,7 +278,7 @@ def collect_invoices(
 def _exchange(
     rt: Runtime,
     pool: ThreadPoolExecutor,
-    calls: list[_Call],
+    waves: Iterator[list[_Call]],
     exchange: Callable[[_Call], Outcome],
     report: CollectionReport,
     held: Held,
@@ -287,8 +286,11 @@ def _exchange(
 ) -> None:
     """Run ``exchange`` for every call on the pool and record the outcomes as they arrive.
 
-    Outcomes are recorded in chunks of about a round of calls (``charge_concurrency``), or
-    sooner when the first of them has waited ``RECORD_WITHIN_S``: the first answers are written
+    The calls come in waves: each is submitted as soon as it is drawn, and the next is drawn
+    (for charges: written ahead) while the calls already submitted are under way, unless the run
+    has been stopped. Outcomes are recorded in chunks of about a round of calls
+    (``charge_concurrency``), or sooner when the first of them has waited ``RECORD_WITHIN_S``, or
+    when nothing else is under way: the first answers are written
     while later calls are still under way, in few transactions. Meanwhile the run checks its
     invoice locks every ``LOCK_CHECK_S``: once they are lost, no further request is sent. Hard
     declines wait for the breaker (``_Run.implausible``) to have a sample. The invoice locks are
@@ -301,11 +303,21 @@ def _exchange(
     hard: list[tuple[_Call, Outcome]] = []
     first_ready_at = 0.0
     next_check = time.monotonic() + LOCK_CHECK_S
+    more = True
     try:
-        for call in calls:
-            pending[pool.submit(copy_context().run, run_one, call)] = call  # the bound log ids
-        while pending:
-            done, _ = wait(pending, timeout=RECORD_WITHIN_S, return_when=FIRST_COMPLETED)
+        while more or pending:
+            if more and not run.stop.is_set():
+                wave = next(waves, None)
+                more = wave is not None
+                for call in wave or ():
+                    pending[pool.submit(copy_context().run, run_one, call)] = call  # log ids
+            else:
+                more = False  # stopped: nothing more is written ahead or sent
+            done: set[Future[Outcome]] = set()
+            if pending:
+                # While another wave is to be drawn, only what has already come in is taken.
+                timeout = 0 if more else RECORD_WITHIN_S
+                done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
             if done and not ready:
                 first_ready_at = time.monotonic()
             for future in done:
@@ -316,7 +328,7 @@ def _exchange(
                     hard.append((call, outcome))
                 else:
                     ready.append((call, outcome))
-            if hard and (run.seen >= BREAKER_SAMPLE or not pending):
+            if hard and (run.seen >= BREAKER_SAMPLE or not (pending or more)):
                 ready.extend(_through_breaker(run, hard))
                 hard = []
             if time.monotonic() >= next_check:
@@ -551,6 +563,21 @@ def _judge(rt: Runtime, call: _Call, payment: Payment) -> Outcome:
 
 
 # -- 2. write-ahead --------------------------------------------------------------------------
+
+# The first invoices of a batch are written ahead (and their calls sent) on their own, so that
+# the rest is written ahead while those calls are under way, not before any call leaves.
+FIRST_WAVE = 25
+
+
+def _written_ahead(
+    rt: Runtime, invoice_ids: list[int], report: CollectionReport
+) -> Iterator[list[_Call]]:
+    """The batch's new attempts in two waves, each committed before it is handed out: the first
+    ``FIRST_WAVE`` invoices, then the rest (drawn only if the run goes on)."""
+    ids = sorted(invoice_ids)
+    for part in (ids[:FIRST_WAVE], ids[FIRST_WAVE:]):
+        if part:
+            yield _start_attempts(rt, part, report)
 
 
 def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionReport) -> list[_Call]:

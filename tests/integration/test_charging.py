@@ -403,3 +403,74 @@ def test_token_expiry_sweep_warns_once_before_a_renewal_after_expiry(
     clock.advance(timedelta(days=2))
     assert sweep_expiring_tokens(rt) == 1
     assert sweep_expiring_tokens(rt) == 0
+
+
+# -- the write-ahead in two waves ------------------------------------------------------------------
+
+
+def _many_due_invoices(rt: Runtime, sandbox: Sandbox, count: int) -> list[int]:
+    seed_plans(rt)
+    for n in range(count):
+        subscriber(rt, sandbox, ["success"], name=f"c{n}")
+    return sorted(renew(rt))
+
+
+def test_the_rest_of_a_batch_is_written_ahead_while_the_first_calls_are_under_way(
+    rt: Runtime, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first wave's calls do not wait for the rest of the batch to be written ahead, and
+    every invoice of both waves is still charged exactly once."""
+    invoice_ids = _many_due_invoices(rt, sandbox, charging.FIRST_WAVE + 5)
+    second_written = threading.Event()
+    waited: list[bool] = []
+    start_attempts = charging._start_attempts
+
+    def counting_start(*args: object, **kwargs: object) -> list[object]:
+        calls = start_attempts(*args, **kwargs)  # type: ignore[arg-type]
+        if len(args[1]) < charging.FIRST_WAVE:  # type: ignore[arg-type]
+            second_written.set()  # the second wave's attempts are committed
+        return calls  # type: ignore[return-value]
+
+    collect = rt.gateway.collect_payment
+
+    def gated_collect(*args: object, **kwargs: object) -> object:
+        # Without the waves, the second write-ahead would come only after every collect.
+        waited.append(second_written.wait(timeout=5))
+        return collect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(charging, "_start_attempts", counting_start)
+    monkeypatch.setattr(rt.gateway, "collect_payment", gated_collect)
+    report = collect_invoices(rt, invoice_ids)
+    assert set(report.results.values()) == {"paid"}
+    assert len(report.results) == len(invoice_ids)
+    assert waited and all(waited)
+    for invoice_id in invoice_ids:
+        assert len(successful_charges(rt, sandbox, invoice_id)) == 1
+
+
+def test_a_failed_second_write_ahead_loses_no_first_wave_charge(
+    rt: Runtime, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker fails between the two waves (the database refuses the second write-ahead):
+    the first wave's calls finish and their charges are kept; the next run settles them by
+    verify and charges the rest; no invoice is charged twice or left out."""
+    invoice_ids = _many_due_invoices(rt, sandbox, charging.FIRST_WAVE + 5)
+    start_attempts = charging._start_attempts
+
+    def failing_second(*args: object, **kwargs: object) -> list[object]:
+        if len(args[1]) < charging.FIRST_WAVE:  # type: ignore[arg-type]
+            raise RuntimeError("the database went away")
+        return start_attempts(*args, **kwargs)  # type: ignore[arg-type,return-value]
+
+    monkeypatch.setattr(charging, "_start_attempts", failing_second)
+    with pytest.raises(RuntimeError, match="went away"):
+        collect_invoices(rt, invoice_ids)
+    first, rest = invoice_ids[: charging.FIRST_WAVE], invoice_ids[charging.FIRST_WAVE :]
+    assert all(len(successful_charges(rt, sandbox, i)) == 1 for i in first)
+    assert all(not attempts_of(rt, i) for i in rest)
+    monkeypatch.setattr(charging, "_start_attempts", start_attempts)
+    report = collect_invoices(rt, invoice_ids)
+    assert set(report.results.values()) == {"paid"}
+    for invoice_id in invoice_ids:
+        assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
+        assert len(successful_charges(rt, sandbox, invoice_id)) == 1
