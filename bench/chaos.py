@@ -56,6 +56,15 @@ Then the verdict, against the sandbox's ledger (every charge it took):
   the gateway, and the reverse;
 * ``renewals_missing``: periods of good cards that were never invoiced.
 
+And one count that is not the ledger's, taken after settling, before anything is stopped:
+
+* ``secrets_in_clear``: places holding a card token the sandbox issued, its API key or the token
+  key in clear (``bench/secret_scan.py``: as is, JSON-escaped or percent-encoded): every log in
+  the temporary directory (workers, this process, PostgreSQL, Redis), every key of the run's
+  Redis (task messages and results) and every column of every table of its database. One per
+  place and secret; ``secret_scan`` in the report says how many secrets and places were looked
+  at and which places had which secrets (named by kind and number, never by value).
+
 One JSON line is printed, with those counts, ``time to settle`` and the schedule; the exit status
 is 1 if any of them is not zero (the temporary directory, with every server's and worker's log,
 is then kept and named on standard error), 2 if the run could not be set up.
@@ -103,6 +112,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._servers import ServerError, TempPostgres, TempRedis  # noqa: E402
+from bench.secret_scan import Secrets, scan_database, scan_files, scan_redis  # noqa: E402
 from billing.attempts import SEND_WINDOW, UNRESOLVED_VALUES, order_prefix  # noqa: E402
 from billing.fatora.sandbox import Sandbox, ServerHandle, add_months  # noqa: E402
 from billing.locks import INVOICE_LOCK_SPACE  # noqa: E402
@@ -318,7 +328,8 @@ def behaviours_for(seed: int, n: int) -> list[str]:
 
 # -- the verdict (pure) ----------------------------------------------------------------------
 
-INVARIANTS = (
+# What ``judge`` counts, from the gateway's ledger and the database.
+LEDGER_INVARIANTS = (
     "double_charges",
     "invoices_never_charged",
     "charges_missing_from_db",
@@ -328,6 +339,8 @@ INVARIANTS = (
     "charged_not_paid",
     "renewals_missing",
 )
+# Every count that must be zero: the ledger's, and the secret scan's.
+INVARIANTS = (*LEDGER_INVARIANTS, "secrets_in_clear")
 
 
 @dataclass(frozen=True)
@@ -386,8 +399,8 @@ def judge(
         prefix = match.group(1) if match else f"?{charge['order_id']}"
         taken_by_prefix.setdefault(prefix, []).append(charge)
     succeeded = {a.order_id for a in attempts if a.status == "succeeded"}
-    examples: dict[str, list[str]] = {name: [] for name in INVARIANTS}
-    counts = dict.fromkeys(INVARIANTS, 0)
+    examples: dict[str, list[str]] = {name: [] for name in LEDGER_INVARIANTS}
+    counts = dict.fromkeys(LEDGER_INVARIANTS, 0)
 
     def fail(name: str, example: str) -> None:
         counts[name] += 1
@@ -977,6 +990,7 @@ class Chaos:
         self.proxy: FaultProxy | None = None
         self.pool: WorkerPool | None = None
         self.engine: Engine | None = None
+        self.token_key = ""
         self.subscribers: list[Subscriber] = []
         # The test time this process last set: the sandbox reads it (it must not need the
         # database, which is down now and then).
@@ -1029,6 +1043,7 @@ class Chaos:
             "FATORA_CONNECT_TIMEOUT_S": str(FATORA_TIMEOUT_S),
             "NO_PROXY": "127.0.0.1,localhost",
         }
+        self.token_key = env["BILLING_TOKEN_KEY"]
         # This process is beat and the operator: the same settings as the workers.
         os.environ.update(env)
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
@@ -1565,6 +1580,32 @@ class Chaos:
             paused = control.collection_paused(session)
         return invoices, attempts, {"alerts": dict(sorted(alerts.items())), "paused": paused}
 
+    def scan_secrets(self) -> tuple[int, list[str], dict[str, Any]]:
+        """Every card token the sandbox issued, its API key and the token key, looked for in
+        clear in every log of the temporary directory, every key of the run's Redis and every
+        column of every table of its database: the ``secrets_in_clear`` count, examples, and
+        what was looked at and where secrets were found (never a secret's value)."""
+        assert self.sandbox is not None and self.engine is not None
+        secrets = Secrets(
+            {
+                "card token": self.sandbox.issued_tokens(),
+                "API key": [self.sandbox.api_key],
+                "token key": [key.strip() for key in self.token_key.split(",")],
+            }
+        )
+        scan = scan_files(secrets, [self.tmp], prefix="log", pattern="*.log")
+        scan += scan_redis(secrets, self.redis.url(0), all_databases=True)
+        scan += scan_database(secrets, self.engine)
+        found = scan.by_place()
+        count = len({(hit.place, hit.secret) for hit in scan.hits})
+        examples = [f"{place}: {', '.join(names)}" for place, names in found.items()][:5]
+        summary = {
+            "secrets": secrets.count,
+            "places": dict(Counter(place.split(" ", 1)[0] for place in scan.places)),
+            "found": found,
+        }
+        return count, examples, summary
+
     def run(self) -> Outcome:
         began = time.monotonic()
         say(f"setting up in {self.tmp}")
@@ -1584,6 +1625,9 @@ class Chaos:
         invoices, attempts, info = self.snapshot()
         charges = self.sandbox.charges()
         counts, examples = judge(charges, self.subscribers, invoices, attempts, self.s.periods)
+        counts["secrets_in_clear"], in_clear, secret_scan = self.scan_secrets()
+        if in_clear:
+            examples["secrets_in_clear"] = in_clear
         good = {s.id for s in self.subscribers if s.good_card}
         report: dict[str, Any] = {
             "seed": self.s.seed,
@@ -1610,6 +1654,7 @@ class Chaos:
             "worker_exits": dict(self.pool.exits),
             "proxy_faults": dict(sorted(self.proxy.applied.items())),
             "card_behaviours": dict(Counter(s.behaviour for s in self.subscribers).most_common()),
+            "secret_scan": secret_scan,
             "examples": examples,
             "schedule": sorted(
                 self.happened + [f.as_dict() for f in self.schedule if f.kind.startswith("storm:")],

@@ -21,6 +21,7 @@ import pytest
 
 from bench.chaos import (
     INVARIANTS,
+    LEDGER_INVARIANTS,
     PROXY_FAULTS,
     START,
     AttemptRow,
@@ -73,7 +74,7 @@ def test_a_clean_ledger_passes() -> None:
         [_attempt(1, first), _attempt(2, second), AttemptRow(3, 3, "x", "declined", 1999, "QAR")],
         periods=2,
     )
-    assert counts == dict.fromkeys(INVARIANTS, 0)
+    assert counts == dict.fromkeys(LEDGER_INVARIANTS, 0)
     assert examples == {}
 
 
@@ -144,7 +145,8 @@ pytestmark = pytest.mark.e2e
 
 def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     """Invariant, with real workers, servers restarted and the gateway's network failing: every
-    invoice of a good card is charged exactly once and recorded, nothing is left unresolved."""
+    invoice of a good card is charged exactly once and recorded, nothing is left unresolved, and
+    no card token, API key or token key is left in clear in a log, in Redis or in a table."""
     began = datetime.now(UTC)
     proc = subprocess.Popen(
         [sys.executable, "bench/chaos.py", "--renewals", "60", "--periods", "2", "--seed", "1"],
@@ -164,6 +166,10 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     assert len(lines) == 1, out
     report = json.loads(lines[0])
     assert {name: report[name] for name in INVARIANTS} == dict.fromkeys(INVARIANTS, 0)
+    assert report["secrets_in_clear"] == 0, report["secret_scan"]["found"]
+    # The scan looked for every card and both keys, in the logs, Redis and the tables.
+    assert report["secret_scan"]["secrets"] >= report["subscriptions"] + 2
+    assert {"log", "redis", "table"} <= set(report["secret_scan"]["places"])
     assert report["settled"] is True
     assert report["renewals_expected"] > 40
     assert report["gateway_charges"] == report["renewals_expected"]
