@@ -138,8 +138,8 @@ class Redactor:
         self._lock = threading.Lock()
         self._configured: frozenset[str] = frozenset()
         self._registered: OrderedDict[str, None] = OrderedDict()
-        # The secrets by length, longest first (a secret inside a longer one is masked after it):
-        # a line is checked one window per length and position, whatever the number of secrets.
+        # The secrets by length: a line is checked one window per length and position, whatever
+        # the number of secrets.
         self._by_length: dict[int, set[str]] = {}
         self._lengths: tuple[int, ...] = ()
         self.configure(secrets)
@@ -147,11 +147,12 @@ class Redactor:
     def configure(self, secrets: Iterable[str]) -> None:
         """Replace the configured secrets (the registered tokens stay)."""
         with self._lock:
-            for secret in self._configured - set(self._registered):
-                self._forget(secret)
-            self._configured = frozenset(s for s in secrets if len(s) >= MIN_SECRET)
-            for secret in self._configured:
+            old, new = self._configured, frozenset(s for s in secrets if len(s) >= MIN_SECRET)
+            for secret in new:  # the new ones first: a line written meanwhile masks both
                 self._remember(secret)
+            self._configured = new
+            for secret in old - new - set(self._registered):
+                self._forget(secret)
 
     def register(self, *secrets: str) -> None:
         with self._lock:
@@ -181,25 +182,37 @@ class Redactor:
         if bucket is not None:
             bucket.discard(secret)
 
-    def _known_in(self, text: str) -> list[str]:
-        """The secrets found in ``text``, longest first."""
-        found: list[str] = []
+    def _spans(self, text: str) -> list[tuple[int, int]]:
+        """Where known secrets stand in ``text``: overlapping and adjoining spans merged, so that
+        two secrets sharing characters are masked whole, as one."""
+        found: list[tuple[int, int]] = []
         size = len(text)
         for length in self._lengths:
-            if length > size:
-                continue
             bucket = self._by_length.get(length)
-            if not bucket:
+            if length > size or not bucket:
                 continue
-            for start in range(size - length + 1):
-                window = text[start : start + length]
-                if window in bucket and window not in found:
-                    found.append(window)
-        return found
+            found.extend(
+                (start, start + length)
+                for start in range(size - length + 1)
+                if text[start : start + length] in bucket
+            )
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(found):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
 
     def __call__(self, text: str) -> str:
-        for secret in self._known_in(text):
-            text = text.replace(secret, MASK)
+        spans = self._spans(text)
+        if spans:
+            parts: list[str] = []
+            cut = 0
+            for start, end in spans:
+                parts += (text[cut:start], MASK)
+                cut = end
+            text = "".join(parts) + text[cut:]
         text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{MASK}@", text)
         text = _BEARER.sub(lambda m: f"{m.group('head')}{MASK}", text)
         text = _CREDENTIAL_FIELD.sub(lambda m: f"{m.group('head')}{MASK}", text)

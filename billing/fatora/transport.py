@@ -16,13 +16,15 @@ What the charge path depends on is the meaning of each failure, so it is kept ex
   (``RemoteProtocolError``) may come after the gateway acted on the request: no answer.
 
 A kept-alive connection the server has closed while idle is noticed before it is used (it reads
-as readable: end of file or stray bytes) and replaced, so that a routine reconnect is never a
-"no answer". Proxies are left to ``httpx.HTTPTransport`` (see ``FatoraClient``).
+as readable: end of file or stray bytes) and replaced, so that a routine reconnect is not a
+"no answer" (unless the server closes it just as the request goes out; then it is one, the safe
+way). Proxies are left to ``httpx.HTTPTransport`` (see ``FatoraClient``).
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import select
 import socket
@@ -179,6 +181,7 @@ def _exchange(
             if response.status < 200:
                 # Another interim answer (102, 103): never asked for; read as not understood.
                 raise http.client.HTTPException(f"interim answer {response.status}")
+            _check_framing(response)
             response.content = response.read()
         finally:
             response.close()
@@ -194,9 +197,21 @@ def _exchange(
     return response
 
 
+def _check_framing(response: http.client.HTTPResponse) -> None:
+    """Where the body ends must be beyond doubt (RFC 9112, 6.3): two different lengths, or a
+    length beside a transfer coding, make the answer unreadable, not the first length right."""
+    lengths = {value.strip() for value in response.msg.get_all("Content-Length") or ()}
+    codings = response.msg.get_all("Transfer-Encoding") or ()
+    if len(lengths) > 1 or (lengths and codings):
+        raise http.client.HTTPException("ambiguous message length")
+
+
 def _still_open(sock: socket.socket) -> bool:
     """An idle kept-alive connection is usable only if nothing is waiting to be read on it: a
-    closed one reads as end of file, and bytes nobody asked for mean the exchange is broken."""
+    closed one reads as end of file, and bytes nobody asked for mean the exchange is broken
+    (over TLS, bytes already decrypted wait in the TLS layer, not in the socket)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return False
     try:
         poller = select.poll()  # not select.select: a busy worker's descriptors pass 1024
         poller.register(sock, select.POLLIN)
@@ -211,6 +226,15 @@ def _seconds(value: float | None) -> float:
 
 _ssl_lock = threading.Lock()
 _ssl_default: ssl.SSLContext | None = None
+
+
+def _reset_after_fork() -> None:
+    """A child forked while another thread held the lock must not inherit it held."""
+    global _ssl_lock
+    _ssl_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _default_ssl_context() -> ssl.SSLContext:

@@ -270,6 +270,9 @@ def collect_invoices(
         if not settle_only and not run.stop.is_set():
             waves = _written_ahead(rt, held.ids, report)
             _exchange(rt, pool, waves, lambda c: _charge(rt, c, run), report, held, run)
+        if not settle_only and run.stop.is_set():
+            for invoice_id in held.ids:  # stopped before its wave: no attempt, still due
+                report.results.setdefault(invoice_id, "not_sent")
     if run.stop.is_set():
         report.stopped = run.stop_reason
     return report
@@ -288,11 +291,14 @@ def _exchange(
 
     The calls come in waves: each is submitted as soon as it is drawn, and the next is drawn
     (for charges: written ahead) while the calls already submitted are under way, unless the run
-    has been stopped. Outcomes are recorded in chunks of about a round of calls
-    (``charge_concurrency``), or sooner when the first of them has waited ``RECORD_WITHIN_S``, or
-    when nothing else is under way: the first answers are written
-    while later calls are still under way, in few transactions. Meanwhile the run checks its
-    invoice locks every ``LOCK_CHECK_S``: once they are lost, no further request is sent. Hard
+    has been stopped or its invoice locks are lost. A wave that cannot be drawn stops the drawing;
+    its error is raised once the calls already submitted have ended and been recorded.
+
+    Outcomes are recorded in chunks of about a round of calls (``charge_concurrency``), or sooner
+    when the first of them has waited ``RECORD_WITHIN_S``, or when nothing else is under way: the
+    first answers are written while later calls are still under way, in few transactions.
+    Meanwhile the run checks its invoice locks every ``LOCK_CHECK_S`` (and before each wave after
+    the first): once they are lost, no further request is sent. Hard
     declines wait for the breaker (``_Run.implausible``) to have a sample. The invoice locks are
     held by the caller until every call has ended, even if recording fails.
     """
@@ -304,10 +310,21 @@ def _exchange(
     first_ready_at = 0.0
     next_check = time.monotonic() + LOCK_CHECK_S
     more = True
+    drawn = 0
+    # A wave that could not be drawn (its write-ahead failed): raised once the calls of the
+    # waves already drawn, whose attempts are committed, have been made and recorded.
+    draw_error: Exception | None = None
     try:
         while more or pending:
+            if more and drawn and not run.stop.is_set() and not held.check():
+                run.halt("invoice lock lost")
             if more and not run.stop.is_set():
-                wave = next(waves, None)
+                try:
+                    wave = next(waves, None)
+                except Exception as exc:
+                    log.error("write-ahead of a wave failed (%s)", type(exc).__name__)
+                    draw_error, wave = exc, None
+                drawn += 1
                 more = wave is not None
                 for call in wave or ():
                     pending[pool.submit(copy_context().run, run_one, call)] = call  # log ids
@@ -352,6 +369,8 @@ def _exchange(
         ready.extend((call, f.result()) for f, call in pending.items() if not f.cancelled())
         _keep_what_was_accepted(rt, ready)
         raise
+    if draw_error is not None:
+        raise draw_error
 
 
 def _through_breaker(run: _Run, hard: list[tuple[_Call, Outcome]]) -> list[tuple[_Call, Outcome]]:
