@@ -25,10 +25,15 @@ enqueueing speed in it).
 
 Then exactly-once is checked against the sandbox's own list of charges, warm-up included (one
 SUCCESS per invoice, every invoice paid, one succeeded attempt each); any deviation exits non-zero.
-One JSON line is printed; ``ratio`` is charges/s over noop tasks/s (the target is >= 1.0).
+One JSON line is printed: ``ratio`` is charges/s over noop tasks/s over all rounds,
+``median_ratio`` the median of the rounds' own ratios (the target is >= 1.2); the workers'
+resident memory (main and pool children, summed) is sampled every 0.5 s over the measured rounds.
 
-    .venv/bin/python bench/throughput.py [--n 2000] [--noop 5000] [--latency-ms 50]
-        [--workers 1] [--concurrency 2] [--batch 100] [--threads 25] [--rounds 3]
+The defaults are the sizing ``docs/OPERATIONS.md`` recommends for a 50 ms gateway: as many call
+threads per pool child as invoices per charge task, so that a batch's calls leave together.
+
+    .venv/bin/python bench/throughput.py [--n 10000] [--noop 10000] [--latency-ms 50]
+        [--workers 1] [--concurrency 2] [--batch 100] [--threads 100] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -38,12 +43,12 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -53,13 +58,14 @@ from typing import Any
 import psutil
 import redis
 from celery import Celery
-from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 # Run from a checkout without installing: the project root is the parent of bench/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from billing.attempts import order_prefix
+from bench._common import check_exactly_once
+from bench._seed import seed_due
 from billing.clock import DatabaseClock
 from billing.config import reset_settings_cache
 from billing.crypto import TokenVault, new_key
@@ -69,12 +75,10 @@ from billing.fatora.client import FatoraClient
 from billing.fatora.sandbox import Sandbox, ServerHandle, start_server_in_thread
 from billing.lifecycle import InvoiceStatus
 from billing.locks import PostgresAdvisoryLocker
-from billing.models import CardToken, ChargeAttempt, Invoice
+from billing.models import Invoice
 from billing.periods import Interval
 from billing.plans import PlansConfig, PlanSpec
 from billing.runtime import Runtime
-from billing.services.customers import TOKEN_LIFETIME
-from billing.services.plans_sync import sync_plans
 from schedules.renewal import run_renewal_pass
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,44 +142,7 @@ def seed(rt: Runtime, sandbox: Sandbox, vault: TokenVault, n: int) -> None:
     Bulk SQL instead of the per-row services: the rows are the ones the services would write
     (encrypted token, keyed fingerprint, lifetime from issue), without the per-row round trips.
     """
-    with rt.sessions() as session, session.begin():
-        sync_plans(session, bench_plans(), START)
-    with rt.engine.begin() as conn:
-        customer_ids = list(
-            conn.execute(
-                text(
-                    "INSERT INTO customers (external_id, name, email, created_at) "
-                    "SELECT 'bench-' || g, 'Bench ' || g, 'bench' || g || '@example.com', :now "
-                    "FROM generate_series(1, :n) AS g ORDER BY g RETURNING id"
-                ),
-                {"n": n, "now": START},
-            ).scalars()
-        )
-        cards = []
-        for customer_id in customer_ids:
-            token = sandbox.issue_token("success", issued_at=START)
-            cards.append(
-                {
-                    "customer_id": customer_id,
-                    "ciphertext": vault.encrypt(token),
-                    "fingerprint": vault.fingerprint(token),
-                    "issued_at": START,
-                    "expires_at": START + TOKEN_LIFETIME,
-                    "status": "active",
-                    "created_at": START,
-                }
-            )
-        conn.execute(insert(CardToken), cards)
-        conn.execute(
-            text(
-                "INSERT INTO subscriptions (customer_id, plan_id, card_token_id, status, "
-                "anchor_at, next_billing_at, cancel_at_period_end, created_at, updated_at) "
-                "SELECT c.customer_id, p.id, c.id, 'active', :now, :now, false, :now, :now "
-                "FROM card_tokens AS c CROSS JOIN plans AS p WHERE p.code = 'bench-monthly' "
-                "ORDER BY c.id"
-            ),
-            {"now": START},
-        )
+    seed_due(rt, sandbox, vault, n, plans=bench_plans(), plan="bench-monthly", at=START)
 
 
 def paid_count(engine: Engine) -> int:
@@ -276,6 +243,51 @@ class WorkerPool:
             proc.wait(timeout=10)
 
 
+class RssSampler:
+    """The resident memory of every worker process (main and pool children), sampled every
+    ``every_s`` on a thread of its own: the peak of their sum and of any one process, and the
+    sum at the first and the last sample, in MB."""
+
+    def __init__(self, pool: WorkerPool, every_s: float = 0.5) -> None:
+        self._pool = pool
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self.sums: list[float] = []
+        self.peak_process_mb = 0.0
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        sizes: list[float] = []
+        for proc in self._pool.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sizes.append(proc.memory_info().rss / 2**20)
+        if sizes:
+            self.sums.append(sum(sizes))
+            self.peak_process_mb = max(self.peak_process_mb, max(sizes))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self._sample()
+
+    def start(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "worker_rss_mb_first": round(self.sums[0], 1),
+            "worker_rss_mb_last": round(self.sums[-1], 1),
+            "worker_rss_mb_peak": round(max(self.sums), 1),
+            "worker_rss_mb_peak_process": round(self.peak_process_mb, 1),
+        }
+
+
 def wait_ready(client: Celery, pool: WorkerPool, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -362,56 +374,19 @@ def share(total: int, parts: int, index: int) -> int:
     return total // parts + (1 if index < total % parts else 0)
 
 
-def check_exactly_once(rt: Runtime, sandbox: Sandbox, invoice_ids: list[int]) -> None:
-    """One SUCCESS sandbox charge per invoice, every invoice paid, every charge on record."""
-    taken = [c for c in sandbox.charges() if c["status"] == "SUCCESS"]
-    # An order id is its invoice's prefix (subscription and period) and the attempt number.
-    per_invoice = Counter(str(c["order_id"]).rsplit("-", 1)[0] + "-" for c in taken)
-    with rt.sessions() as session:
-        periods = session.execute(
-            select(Invoice.subscription_id, Invoice.period_start).where(Invoice.id.in_(invoice_ids))
-        ).all()
-    expected = {order_prefix(sub_id, start) for sub_id, start in periods}
-    problems: list[str] = []
-    if set(per_invoice) != expected:
-        missing = len(expected - set(per_invoice))
-        extra = len(set(per_invoice) - expected)
-        problems.append(f"{missing} invoice(s) without a charge, {extra} unknown charged")
-    doubles = [k for k, v in per_invoice.items() if v > 1]
-    if doubles:
-        problems.append(f"{len(doubles)} invoice(s) charged more than once, e.g. {doubles[:5]}")
-    with rt.sessions() as session:
-        not_paid = session.execute(
-            select(func.count())
-            .select_from(Invoice)
-            .where(Invoice.status != InvoiceStatus.PAID.value)
-        ).scalar_one()
-        succeeded = set(
-            session.execute(
-                select(ChargeAttempt.order_id).where(ChargeAttempt.status == "succeeded")
-            ).scalars()
-        )
-    if not_paid:
-        problems.append(f"{not_paid} invoice(s) not paid")
-    if {str(c["order_id"]) for c in taken} != succeeded:
-        problems.append("the sandbox's charges and the succeeded attempts differ")
-    if problems:
-        raise SystemExit("EXACTLY-ONCE VIOLATED: " + "; ".join(problems))
-
-
 # -- main ------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--n", type=int, default=2000, help="subscriptions / invoices")
-    parser.add_argument("--noop", type=int, default=5000, help="billing.noop tasks")
+    parser.add_argument("--n", type=int, default=10000, help="subscriptions / invoices")
+    parser.add_argument("--noop", type=int, default=10000, help="billing.noop tasks")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="sandbox answer delay")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=2, help="prefork children each")
     parser.add_argument("--batch", type=int, default=100, help="invoices per charge task")
-    parser.add_argument("--threads", type=int, default=25, help="call threads per child")
-    parser.add_argument("--rounds", type=int, default=3, help="noop/charge phase pairs")
+    parser.add_argument("--threads", type=int, default=100, help="call threads per child")
+    parser.add_argument("--rounds", type=int, default=5, help="noop/charge phase pairs")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per phase")
     return parser.parse_args(argv)
 
@@ -491,6 +466,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         noop_s = charge_s = cpu_s = sandbox_s = postgres_s = 0.0
         round_ratios: list[float] = []
         billed = warm
+        sampler = RssSampler(pool).start()
         for r in range(args.rounds):
             # Phase 1: the noop tasks. noop keeps its result (ignore_result=False), so each
             # task ends with a result record written to Redis by the worker, as each charge
@@ -525,6 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             charge_s += round_charge_s
             round_ratios.append(round((len(mine) / round_charge_s) / (noops / round_noop_s), 3))
 
+        sampler.stop()
         check_exactly_once(rt, sandbox, all_ids)
         charges_per_s = args.n / charge_s
         noop_per_s = args.noop / noop_s
@@ -539,12 +516,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "charges_per_s": round(charges_per_s, 1),
             "noop_tasks_per_s": round(noop_per_s, 1),
             "ratio": round(charges_per_s / noop_per_s, 3),
+            "median_ratio": round(statistics.median(round_ratios), 3),
             "round_ratios": round_ratios,
             "cpu_ms_per_charge": round(1000 * cpu_s / args.n, 3),
             "sandbox_cpu_ms_per_charge": round(1000 * sandbox_s / args.n, 3),
             "postgres_cpu_ms_per_charge": round(1000 * postgres_s / args.n, 3),
             "charge_s": round(charge_s, 3),
             "noop_s": round(noop_s, 3),
+            **sampler.figures(),
             "exactly_once": True,
         }
     finally:
