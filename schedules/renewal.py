@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Executable, Select, or_, select
 from sqlalchemy.orm import Session
 
-from billing.db import insert_for
+from billing.db import id_in, insert_for
 from billing.lifecycle import (
     InvoiceStatus,
     SubscriptionEvent,
@@ -207,6 +207,25 @@ def _take_over_ahead(
     return invoice.id
 
 
+# The invoice INSERT of each dialect, built once: a renewal only binds its values, instead of
+# building (and computing the cache key of) a statement of its own. It runs on the session's
+# connection, as the plain INSERT it is, without the ORM's bulk-insert machinery.
+_INVOICE_INSERTS: dict[str, Executable] = {}
+
+
+def _invoice_insert(session: Session) -> Executable:
+    dialect = session.get_bind().dialect.name
+    stmt = _INVOICE_INSERTS.get(dialect)
+    if stmt is None:
+        stmt = (
+            insert_for(session, Invoice)
+            .on_conflict_do_nothing(index_elements=["subscription_id", "period_start"])
+            .returning(Invoice.id)
+        )
+        _INVOICE_INSERTS[dialect] = stmt
+    return stmt
+
+
 def _insert_invoice(
     session: Session,
     sub: Subscription,
@@ -229,13 +248,9 @@ def _insert_invoice(
         "created_at": now,
         "updated_at": now,
     }
-    stmt = (
-        insert_for(session, Invoice)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["subscription_id", "period_start"])
-        .returning(Invoice.id)
+    invoice_id: int | None = (
+        session.connection().execute(_invoice_insert(session), values).scalar_one_or_none()
     )
-    invoice_id = session.execute(stmt).scalar_one_or_none()
     if invoice_id is not None:
         record_event(
             session,
@@ -248,14 +263,20 @@ def _insert_invoice(
 
 
 def run_renewal_pass(
-    rt: Runtime, *, now: datetime | None = None, max_batches: int = 1000
+    rt: Runtime,
+    *,
+    now: datetime | None = None,
+    max_batches: int = 1000,
+    on_batch: Callable[[RenewalReport], None] | None = None,
 ) -> RenewalReport:
     """Claim and renew due subscriptions until none is due; commit batch by batch.
 
     Quarantined subscriptions whose retry time has come are tried first (a retry that succeeds
     releases the row, and its later periods, if due, are renewed by the rest of the pass), then
-    the due ones. The caller enqueues the charges for ``report.invoice_ids`` after this returns,
-    that is after the commits that made those invoices exist.
+    the due ones. ``on_batch`` is given each batch's report once its transaction has committed
+    (the worker queues that batch's charges: a month-start spike is being charged while the
+    rest is still renewed); otherwise the caller enqueues the charges for
+    ``report.invoice_ids`` after this returns, that is after the commits that made them exist.
     """
     report = RenewalReport()
     # Retries are expected to raise again: they go row by row (savepoints) from the start.
@@ -265,6 +286,8 @@ def run_renewal_pass(
             if batch is None:
                 break
             report.add(batch)
+            if on_batch is not None:
+                on_batch(batch)
     return report
 
 
@@ -301,12 +324,29 @@ def _claim_and_renew(
         if not due:
             return None
         batch.claimed = len(due)
-        for sub in due:
-            if isolated:
+        related = _load_related(session, due)
+        if isolated:
+            for sub in due:
                 _renew_isolated(session, sub, at, batch)
-            else:
-                _note(batch, sub, renew_one(session, sub, at))
+        else:
+            # The rows' changes are flushed together at the commit, not one by one before the
+            # next row's first query: each row's queries read only its own invoices (and their
+            # attempts) and its plan's prices, never another claimed row's changes.
+            with session.no_autoflush:
+                for sub in due:
+                    _note(batch, sub, renew_one(session, sub, at))
+        del related  # held until here: the session keeps only the objects someone refers to
     return batch  # committed: only now does the report speak of it
+
+
+def _load_related(session: Session, subs: list[Subscription]) -> list[Plan | Customer]:
+    """The plans and customers of ``subs``, one query each, so that renewing each subscription
+    finds them in the session instead of loading them one by one."""
+    plans = select(Plan).where(id_in(session, Plan.id, (sub.plan_id for sub in subs)))
+    customers = select(Customer).where(
+        id_in(session, Customer.id, (sub.customer_id for sub in subs))
+    )
+    return [*session.execute(plans).scalars(), *session.execute(customers).scalars()]
 
 
 def _renew_isolated(
