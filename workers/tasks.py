@@ -68,8 +68,11 @@ def enqueue_retries(retry_in: dict[int, float]) -> None:
 
 @app.task(name="billing.renew", ignore_result=True)
 def renew() -> dict[str, Any]:
-    report = run_renewal_pass(get_runtime())
-    tasks = enqueue_charges(report.invoice_ids)
+    tasks: list[AsyncResult] = []
+    # Each batch's charges are queued as soon as it has committed.
+    report = run_renewal_pass(
+        get_runtime(), on_batch=lambda batch: tasks.extend(enqueue_charges(batch.invoice_ids))
+    )
     return {
         "claimed": report.claimed,
         "invoices": sorted(report.invoice_ids),  # created, and queued for a charge

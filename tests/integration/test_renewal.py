@@ -6,13 +6,14 @@ import itertools
 import threading
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import func, select
 
 from billing.clock import FixedClock
 from billing.fatora.sandbox import Sandbox
 from billing.models import Invoice
 from billing.runtime import Runtime
-from schedules.renewal import run_renewal_pass
+from schedules.renewal import RenewalReport, run_renewal_pass
 from tests.factories import seed_plans, subscriber
 
 
@@ -107,3 +108,28 @@ def test_price_change_applies_to_later_periods_only(
             .all()
         )
     assert amounts == [5000, 6000, 6000]
+
+
+def test_each_batch_is_handed_over_once_committed(
+    rt: Runtime, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A month-start spike is charged while the rest is still renewed: each batch's invoices are
+    handed over (to be queued for charging) as soon as its transaction has committed, visible to
+    any other connection, each invoice once."""
+    seed_plans(rt)
+    for n in range(5):
+        subscriber(rt, sandbox, ["success"], name=f"c{n}")
+    monkeypatch.setattr(rt, "renewal_batch_size", 2)
+    handed: list[list[int]] = []
+
+    def visible_elsewhere(batch: RenewalReport) -> None:
+        with rt.engine.connect() as other:  # another connection sees only what is committed
+            seen = other.execute(
+                select(func.count()).select_from(Invoice).where(Invoice.id.in_(batch.invoice_ids))
+            ).scalar_one()
+        assert seen == len(batch.invoice_ids)
+        handed.append(list(batch.invoice_ids))
+
+    report = run_renewal_pass(rt, on_batch=visible_elsewhere)
+    assert [len(ids) for ids in handed] == [2, 2, 1]
+    assert sorted(itertools.chain.from_iterable(handed)) == sorted(report.invoice_ids)
