@@ -59,6 +59,8 @@ FIRST_POLL_S = 0.005
 MAX_POLL_S = 0.25
 # Redis must answer the cap quickly: a call waits for it, and a slow Redis means not sent.
 REDIS_TIMEOUT_S = 2.0
+# Connections to Redis per process when the caller does not say: its call threads, and a few.
+DEFAULT_REDIS_CONNECTIONS = 64
 
 
 class GatewayBusy(GatewayConnectionError):
@@ -121,13 +123,23 @@ class RedisLeases:
         self._in_use = client.register_script(_IN_USE)
 
     @classmethod
-    def from_url(cls, url: str, key: str = CAP_KEY) -> RedisLeases:
+    def from_url(
+        cls, url: str, key: str = CAP_KEY, *, max_connections: int = DEFAULT_REDIS_CONNECTIONS
+    ) -> RedisLeases:
+        """Leases through a pool of at most ``max_connections`` connections that every call
+        thread of the process shares: a thread that finds them all in use waits for one (up to
+        ``REDIS_TIMEOUT_S``) instead of failing at once, as a plain pool does past its size
+        (100 by default, fewer than a worker's call threads can be)."""
         import redis
 
-        client = redis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
         )
-        return cls(client, key)
+        return cls(redis.Redis(connection_pool=pool), key)
 
     def try_acquire(self, lease_id: str, limit: int, lease_ms: int) -> bool:
         return bool(self._acquire(keys=[self._key], args=[limit, lease_ms, lease_id]))
@@ -270,7 +282,8 @@ def cap_from_settings() -> InFlightCap | None:
         return None
     fatora = get_fatora_settings()
     return InFlightCap(
-        leases_for(settings.broker_url),
+        # One connection per call thread (and a few for the rest): none waits for another's.
+        leases_for(settings.broker_url, connections=settings.charge_concurrency + 8),
         settings.gateway_max_in_flight,
         lease_s=lease_for(fatora.timeout_s, fatora.connect_timeout_s),
         wait_s=settings.gateway_cap_wait_s,
@@ -280,13 +293,13 @@ def cap_from_settings() -> InFlightCap | None:
 _local_leases = LocalLeases()
 
 
-def leases_for(broker_url: str) -> Leases:
+def leases_for(broker_url: str, *, connections: int = DEFAULT_REDIS_CONNECTIONS) -> Leases:
     """Leases in the broker's Redis, or in this process for the ``memory://`` broker (which runs
     every task in the process that sends it)."""
     if broker_url.startswith("memory://"):
         return _local_leases
     if broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisLeases.from_url(broker_url)
+        return RedisLeases.from_url(broker_url, max_connections=connections)
     raise ValueError(
         "BILLING_GATEWAY_MAX_IN_FLIGHT needs a Redis broker (BILLING_BROKER_URL=redis://...)"
     )

@@ -235,3 +235,25 @@ def test_a_charge_without_redis_is_recorded_never_sent_and_charged_once_redis_is
     assert collect_invoices(rt, [invoice_id]).results == {invoice_id: "paid"}
     assert [c["status"] for c in sandbox.charges()] == ["SUCCESS"]
     assert _leases(key).in_use() == 0
+
+
+def test_more_call_threads_than_redis_connections_all_get_their_slots(key: str) -> None:
+    """A worker process with more call threads than its Redis pool has connections (a month-start
+    spike on a slow gateway: 250 threads): a thread that finds every connection in use waits for
+    one; none is refused its slot (and its charge reported "not sent") for want of a connection
+    while slots are free."""
+    cap = InFlightCap(
+        RedisLeases.from_url(REDIS_URL, key, max_connections=16), 1000, lease_s=30, wait_s=5
+    )
+    threads, calls = 200, 10
+
+    def call(_: int) -> int:
+        taken = 0
+        for _ in range(calls):
+            with cap.slot("collect"):
+                taken += 1
+        return taken
+
+    with ThreadPoolExecutor(threads) as pool:
+        taken = sum(pool.map(call, range(threads)))
+    assert taken == threads * calls
