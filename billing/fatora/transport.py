@@ -30,6 +30,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from typing import cast
 
@@ -39,6 +40,10 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # How long a connection attempt may take when the request names no timeout.
 _DEFAULT_TIMEOUT_S = 30.0
 _Key = tuple[str, str, int]
+# A connection idle this long is not used again (as httpx's own pool does): servers commonly
+# close idle connections after 5 s or more, and one closed just as a request goes out would turn
+# a routine reconnect into a "no answer".
+KEEPALIVE_EXPIRY_S = 4.0
 # A line break or NUL in a header name or value would end the header early.
 _UNSAFE = re.compile(rb"[\r\n\0]")
 
@@ -47,9 +52,16 @@ class DirectTransport(httpx.BaseTransport):
     """Kept-alive HTTP/1.1 connections without a proxy; safe to share between threads (each
     request takes an idle connection of its host, or opens one, and gives it back after)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
+    ) -> None:
         self._ssl_context = ssl_context
-        self._idle: dict[_Key, list[socket.socket]] = {}
+        self._keepalive_expiry_s = keepalive_expiry_s
+        # Idle connections by host, each with the moment it was given back.
+        self._idle: dict[_Key, list[tuple[socket.socket, float]]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -92,27 +104,31 @@ class DirectTransport(httpx.BaseTransport):
             self._closed = True
             idle, self._idle = self._idle, {}
         for socks in idle.values():
-            for sock in socks:
+            for sock, _ in socks:
                 sock.close()
 
     # -- connections --------------------------------------------------------------------------
 
     def _take(self, key: _Key) -> socket.socket | None:
-        """An idle connection to ``key`` still open at the other end, or None."""
+        """An idle connection to ``key``, idle for less than the keep-alive expiry and still
+        open at the other end, or None."""
         while True:
             with self._lock:
                 socks = self._idle.get(key)
                 if not socks:
                     return None
-                sock = socks.pop()
-            if _still_open(sock):
+                sock, since = socks.pop()
+            fresh = time.monotonic() - since < self._keepalive_expiry_s
+            if fresh and _still_open(sock):
                 return sock
-            sock.close()  # closed by the server while idle: nothing was sent on it
+            # Closed by the server while idle, or idle so long that the server may close it
+            # just as a request goes out (a "no answer"): nothing was sent on it.
+            sock.close()
 
     def _give_back(self, key: _Key, sock: socket.socket) -> None:
         with self._lock:
             if not self._closed:
-                self._idle.setdefault(key, []).append(sock)
+                self._idle.setdefault(key, []).append((sock, time.monotonic()))
                 return
         sock.close()
 

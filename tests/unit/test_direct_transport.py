@@ -370,3 +370,17 @@ def test_an_answer_cut_or_garbled_after_the_request_left_is_no_answer(reply: byt
     assert isinstance(error, GatewayConnectionError)
     assert error.answer is Answer.NO_ANSWER
     assert server.accepted == 1
+
+
+def test_a_connection_idle_past_the_keepalive_expiry_is_not_used_again() -> None:
+    """Servers close idle connections after a few seconds; one closed just as a request goes out
+    would make a routine reconnect a "no answer" (an unknown charge): an old idle connection is
+    replaced before anything is sent on it, even if the server still keeps it open."""
+    with serving(keep_alive()) as server:
+        transport = DirectTransport(keepalive_expiry_s=0.2)
+        post(transport, server.url())
+        post(transport, server.url())  # at once: the same connection
+        threading.Event().wait(0.3)
+        post(transport, server.url())  # idle too long: a new one
+        transport.close()
+    assert server.accepted == 2
