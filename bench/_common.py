@@ -1,5 +1,8 @@
 """Pieces shared by the benchmarks that run real workers (``throughput.py``, ``spike.py``).
 
+``bench_runtime`` is the bench process's own runtime: the benchmark's database on the frozen
+test clock, and a client of the sandbox it serves.
+
 ``check_exactly_once`` compares the database with the sandbox's own list of charges. The
 invoices are selected with one array parameter (``billing.db.id_in``), so that any number of
 them fits in one statement (a parameter per id stops at 65 535).
@@ -8,15 +11,33 @@ them fits in one statement (a parameter per id stops at 65 535).
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from billing.attempts import order_prefix
-from billing.db import id_in
+from billing.clock import DatabaseClock
+from billing.crypto import TokenVault
+from billing.db import id_in, session_factory
+from billing.fatora.client import FatoraClient
 from billing.fatora.sandbox import Sandbox
 from billing.lifecycle import InvoiceStatus
+from billing.locks import PostgresAdvisoryLocker
 from billing.models import ChargeAttempt, Invoice
 from billing.runtime import Runtime
+
+
+def bench_runtime(engine: Engine, base_url: str, sandbox: Sandbox, vault: TokenVault) -> Runtime:
+    """The bench process's runtime (it seeds, renews and checks; the workers build their own)."""
+    return Runtime(
+        engine=engine,
+        sessions=session_factory(engine),
+        clock=DatabaseClock(engine),
+        gateway=FatoraClient(base_url, sandbox.api_key, mode="test", timeout_s=30),
+        locker=PostgresAdvisoryLocker(engine),
+        live_gateway=False,
+        unknown_grace=timedelta(minutes=5),
+    ).with_vault(vault)
 
 
 def check_exactly_once(rt: Runtime, sandbox: Sandbox, invoice_ids: list[int]) -> None:

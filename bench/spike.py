@@ -68,7 +68,7 @@ from sqlalchemy import Engine, select, text
 # Run from a checkout without installing: the project root is the parent of bench/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import check_exactly_once
+from bench._common import bench_runtime, check_exactly_once
 from bench.throughput import (
     ADMIN_URL,
     START,
@@ -84,11 +84,9 @@ from bench.throughput import (
 from billing.clock import DatabaseClock
 from billing.config import reset_settings_cache
 from billing.crypto import TokenVault, new_key
-from billing.db import make_engine, session_factory
-from billing.fatora.client import FatoraClient
+from billing.db import make_engine
 from billing.fatora.sandbox import Sandbox, ServerHandle, start_server_in_thread
 from billing.lifecycle import InvoiceStatus
-from billing.locks import PostgresAdvisoryLocker
 from billing.models import Invoice
 from billing.runtime import Runtime
 from schedules.beat import BEAT_SCHEDULE
@@ -192,15 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server = start_server_in_thread(sandbox, latency_ms=args.latency_ms)
         base_url = server.url.rstrip("/") + "/v1"
-        rt = Runtime(
-            engine=engine,
-            sessions=session_factory(engine),
-            clock=DatabaseClock(engine),
-            gateway=FatoraClient(base_url, sandbox.api_key, mode="test", timeout_s=30),
-            locker=PostgresAdvisoryLocker(engine),
-            live_gateway=False,
-            unknown_grace=timedelta(minutes=5),
-        ).with_vault(vault)
+        rt = bench_runtime(engine, base_url, sandbox, vault)
         clock = DatabaseClock(engine)
         clock.set(START)
         seed_started = time.perf_counter()

@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -68,16 +68,14 @@ from sqlalchemy.engine import make_url
 # Run from a checkout without installing: the project root is the parent of bench/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import check_exactly_once
+from bench._common import bench_runtime, check_exactly_once
 from bench._seed import seed_due
 from billing.clock import DatabaseClock
 from billing.config import reset_settings_cache
 from billing.crypto import TokenVault, new_key
-from billing.db import make_engine, normalize_url, session_factory
+from billing.db import make_engine, normalize_url
 from billing.dunning import STANDARD
-from billing.fatora.client import FatoraClient
 from billing.fatora.sandbox import Sandbox, ServerHandle, start_server_in_thread
-from billing.locks import PostgresAdvisoryLocker
 from billing.periods import Interval
 from billing.plans import PlansConfig, PlanSpec
 from billing.runtime import Runtime
@@ -417,15 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server = start_server_in_thread(sandbox, latency_ms=args.latency_ms)
         base_url = server.url.rstrip("/") + "/v1"
-        rt = Runtime(
-            engine=engine,
-            sessions=session_factory(engine),
-            clock=DatabaseClock(engine),
-            gateway=FatoraClient(base_url, sandbox.api_key, mode="test", timeout_s=30),
-            locker=PostgresAdvisoryLocker(engine),
-            live_gateway=False,
-            unknown_grace=timedelta(minutes=5),
-        ).with_vault(vault)
+        rt = bench_runtime(engine, base_url, sandbox, vault)
         DatabaseClock(engine).set(START)
         # Two full warm-up batches per pool child, billed before the measurement.
         slots = 2 * args.workers * args.concurrency

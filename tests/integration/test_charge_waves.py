@@ -120,6 +120,27 @@ def _failing_second_wave(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(charging, "_start_attempts", failing_second)
 
 
+def test_a_failed_second_write_ahead_loses_no_charge_and_the_next_run_bills_the_rest(
+    rt: Runtime, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker fails between the two waves (the database refuses the second write-ahead): the
+    first wave's charges are recorded, the rest has no attempt, and the next run charges the rest;
+    no invoice is charged twice or left out."""
+    invoice_ids = _due_invoices(rt, sandbox, charging.FIRST_WAVE + 5)
+    _failing_second_wave(monkeypatch)
+    with pytest.raises(RuntimeError, match="went away"):
+        collect_invoices(rt, invoice_ids)
+    first, rest = invoice_ids[: charging.FIRST_WAVE], invoice_ids[charging.FIRST_WAVE :]
+    assert all(invoice_of(rt, i).status == InvoiceStatus.PAID.value for i in first)
+    assert all(not attempts_of(rt, i) for i in rest)
+    monkeypatch.undo()
+    report = collect_invoices(rt, invoice_ids)
+    assert {report.results[i] for i in rest} == {"paid"}
+    for invoice_id in invoice_ids:
+        assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
+        assert len(successful_charges(rt, sandbox, invoice_id)) == 1
+
+
 def test_a_failed_second_write_ahead_sends_every_first_wave_call(
     rt: Runtime, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:

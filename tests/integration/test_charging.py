@@ -446,31 +446,3 @@ def test_the_rest_of_a_batch_is_written_ahead_while_the_first_calls_are_under_wa
     assert waited and all(waited)
     for invoice_id in invoice_ids:
         assert len(successful_charges(rt, sandbox, invoice_id)) == 1
-
-
-def test_a_failed_second_write_ahead_loses_no_first_wave_charge(
-    rt: Runtime, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The worker fails between the two waves (the database refuses the second write-ahead):
-    the first wave's calls finish and their charges are kept; the next run settles them by
-    verify and charges the rest; no invoice is charged twice or left out."""
-    invoice_ids = _many_due_invoices(rt, sandbox, charging.FIRST_WAVE + 5)
-    start_attempts = charging._start_attempts
-
-    def failing_second(*args: object, **kwargs: object) -> list[object]:
-        if len(args[1]) < charging.FIRST_WAVE:  # type: ignore[arg-type]
-            raise RuntimeError("the database went away")
-        return start_attempts(*args, **kwargs)  # type: ignore[arg-type,return-value]
-
-    monkeypatch.setattr(charging, "_start_attempts", failing_second)
-    with pytest.raises(RuntimeError, match="went away"):
-        collect_invoices(rt, invoice_ids)
-    first, rest = invoice_ids[: charging.FIRST_WAVE], invoice_ids[charging.FIRST_WAVE :]
-    assert all(len(successful_charges(rt, sandbox, i)) == 1 for i in first)
-    assert all(not attempts_of(rt, i) for i in rest)
-    monkeypatch.setattr(charging, "_start_attempts", start_attempts)
-    report = collect_invoices(rt, invoice_ids)
-    assert set(report.results.values()) == {"paid"}
-    for invoice_id in invoice_ids:
-        assert invoice_of(rt, invoice_id).status == InvoiceStatus.PAID.value
-        assert len(successful_charges(rt, sandbox, invoice_id)) == 1
