@@ -59,8 +59,11 @@ FIRST_POLL_S = 0.005
 MAX_POLL_S = 0.25
 # Redis must answer the cap quickly: a call waits for it, and a slow Redis means not sent.
 REDIS_TIMEOUT_S = 2.0
-# Connections to Redis per process when the caller does not say: its call threads, and a few.
+# Connections to Redis per process for taking slots, at least (a worker process: one per call
+# thread and a few more; ``billing web``: its request threads).
 DEFAULT_REDIS_CONNECTIONS = 64
+# Connections per process for giving slots back, apart from those that take them.
+RELEASE_CONNECTIONS = 4
 
 
 class GatewayBusy(GatewayConnectionError):
@@ -116,8 +119,18 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 class RedisLeases:
     """Leases in a Redis sorted set, shared by every process that uses the same key."""
 
-    def __init__(self, client: redis.Redis[bytes], key: str = CAP_KEY) -> None:
+    def __init__(
+        self,
+        client: redis.Redis[bytes],
+        key: str = CAP_KEY,
+        *,
+        releaser: redis.Redis[bytes] | None = None,
+    ) -> None:
+        """``releaser``: the client that gives leases back (default: ``client``); a pool of its
+        own, so that a slot is given back at once even while every connection of ``client``
+        is taken by threads waiting to acquire."""
         self._client = client
+        self._releaser = releaser or client
         self._key = key
         self._acquire = client.register_script(_ACQUIRE)
         self._in_use = client.register_script(_IN_USE)
@@ -128,24 +141,28 @@ class RedisLeases:
     ) -> RedisLeases:
         """Leases through a pool of at most ``max_connections`` connections that every call
         thread of the process shares: a thread that finds them all in use waits for one (up to
-        ``REDIS_TIMEOUT_S``) instead of failing at once, as a plain pool does past its size
-        (100 by default, fewer than a worker's call threads can be)."""
+        ``REDIS_TIMEOUT_S``, on top of the cap's own wait) instead of failing at once, as a
+        plain pool does past its size (100 by default, fewer than a worker's call threads can
+        be). Leases are given back through a small pool of their own."""
         import redis
 
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-        )
-        return cls(redis.Redis(connection_pool=pool), key)
+        def client(size: int) -> redis.Redis[bytes]:
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=size,
+                timeout=REDIS_TIMEOUT_S,
+                socket_timeout=REDIS_TIMEOUT_S,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
+            )
+            return redis.Redis(connection_pool=pool)
+
+        return cls(client(max_connections), key, releaser=client(RELEASE_CONNECTIONS))
 
     def try_acquire(self, lease_id: str, limit: int, lease_ms: int) -> bool:
         return bool(self._acquire(keys=[self._key], args=[limit, lease_ms, lease_id]))
 
     def release(self, lease_id: str) -> None:
-        self._client.zrem(self._key, lease_id)
+        self._releaser.zrem(self._key, lease_id)
 
     def in_use(self) -> int:
         return int(self._in_use(keys=[self._key]))
@@ -283,7 +300,10 @@ def cap_from_settings() -> InFlightCap | None:
     fatora = get_fatora_settings()
     return InFlightCap(
         # One connection per call thread (and a few for the rest): none waits for another's.
-        leases_for(settings.broker_url, connections=settings.charge_concurrency + 8),
+        leases_for(
+            settings.broker_url,
+            connections=max(DEFAULT_REDIS_CONNECTIONS, settings.charge_concurrency + 8),
+        ),
         settings.gateway_max_in_flight,
         lease_s=lease_for(fatora.timeout_s, fatora.connect_timeout_s),
         wait_s=settings.gateway_cap_wait_s,
