@@ -268,7 +268,7 @@ def collect_invoices(
             verify = lambda c: _verify(rt, c, now_wall, run)  # noqa: E731
             _exchange(rt, pool, iter([unresolved]), verify, report, held, run)
         if not settle_only and not run.stop.is_set():
-            waves = _written_ahead(rt, held.ids, report)
+            waves = _written_ahead(rt, held, report, run)
             _exchange(rt, pool, waves, lambda c: _charge(rt, c, run), report, held, run)
         if not settle_only and run.stop.is_set():
             for invoice_id in held.ids:  # stopped before its wave: no attempt, still due
@@ -291,14 +291,15 @@ def _exchange(
 
     The calls come in waves: each is submitted as soon as it is drawn, and the next is drawn
     (for charges: written ahead) while the calls already submitted are under way, unless the run
-    has been stopped or its invoice locks are lost. A wave that cannot be drawn stops the drawing;
-    its error is raised once the calls already submitted have ended and been recorded.
+    has been stopped (the charge waves check the locks before the second). A wave that cannot be
+    drawn stops the drawing; its error is raised once the calls already submitted have ended and
+    been recorded.
 
     Outcomes are recorded in chunks of about a round of calls (``charge_concurrency``), or sooner
     when the first of them has waited ``RECORD_WITHIN_S``, or when nothing else is under way: the
     first answers are written while later calls are still under way, in few transactions.
-    Meanwhile the run checks its invoice locks every ``LOCK_CHECK_S`` (and before each wave after
-    the first): once they are lost, no further request is sent. Hard
+    Meanwhile the run checks its invoice locks every ``LOCK_CHECK_S``: once they are lost, no
+    further request is sent. Hard
     declines wait for the breaker (``_Run.implausible``) to have a sample. The invoice locks are
     held by the caller until every call has ended, even if recording fails.
     """
@@ -310,21 +311,17 @@ def _exchange(
     first_ready_at = 0.0
     next_check = time.monotonic() + LOCK_CHECK_S
     more = True
-    drawn = 0
     # A wave that could not be drawn (its write-ahead failed): raised once the calls of the
     # waves already drawn, whose attempts are committed, have been made and recorded.
     draw_error: Exception | None = None
     try:
         while more or pending:
-            if more and drawn and not run.stop.is_set() and not held.check():
-                run.halt("invoice lock lost")
             if more and not run.stop.is_set():
                 try:
                     wave = next(waves, None)
                 except Exception as exc:
                     log.error("write-ahead of a wave failed (%s)", type(exc).__name__)
                     draw_error, wave = exc, None
-                drawn += 1
                 more = wave is not None
                 for call in wave or ():
                     pending[pool.submit(copy_context().run, run_one, call)] = call  # log ids
@@ -589,14 +586,20 @@ FIRST_WAVE = 25
 
 
 def _written_ahead(
-    rt: Runtime, invoice_ids: list[int], report: CollectionReport
+    rt: Runtime, held: Held, report: CollectionReport, run: _Run
 ) -> Iterator[list[_Call]]:
     """The batch's new attempts in two waves, each committed before it is handed out: the first
-    ``FIRST_WAVE`` invoices, then the rest (drawn only if the run goes on)."""
-    ids = sorted(invoice_ids)
-    for part in (ids[:FIRST_WAVE], ids[FIRST_WAVE:]):
-        if part:
-            yield _start_attempts(rt, part, report)
+    ``FIRST_WAVE`` invoices, then the rest (drawn only if the run goes on, and written only if
+    the invoice locks are still held)."""
+    ids = sorted(held.ids)
+    first, rest = ids[:FIRST_WAVE], ids[FIRST_WAVE:]
+    if first:
+        yield _start_attempts(rt, first, report)
+    if rest:
+        if not held.check():
+            run.halt("invoice lock lost")
+            return
+        yield _start_attempts(rt, rest, report)
 
 
 def _start_attempts(rt: Runtime, invoice_ids: list[int], report: CollectionReport) -> list[_Call]:
