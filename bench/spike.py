@@ -61,7 +61,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery
 from sqlalchemy import Engine, select, text
 
@@ -76,15 +75,13 @@ from bench.throughput import (
     WorkerPool,
     cpu_delta,
     drop_database,
-    recreate_database,
+    fresh_services,
     seed,
     thread_cpu_seconds,
     wait_ready,
 )
 from billing.clock import DatabaseClock
-from billing.config import reset_settings_cache
 from billing.crypto import TokenVault, new_key
-from billing.db import make_engine
 from billing.fatora.sandbox import Sandbox, ServerHandle, start_server_in_thread
 from billing.lifecycle import InvoiceStatus
 from billing.models import Invoice
@@ -169,24 +166,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_started = time.perf_counter()
-    # The bench process sets the shared test clock, which test mode alone allows.
-    os.environ["BILLING_MODE"] = "test"
-    reset_settings_cache()
-    store = redis.Redis.from_url(REDIS_URL)
-    store.flushdb()
-    url = recreate_database(ADMIN_URL, DATABASE)
-    from billing.migrate import upgrade
-
-    upgrade(url)
-    engine = make_engine(url, pool_size=2)
+    store, engine, client = fresh_services(DATABASE, REDIS_URL, pool_size=2)
     key = new_key()
     vault = TokenVault(key)
     sandbox = Sandbox(now=lambda: START)
     server: ServerHandle | None = None
     pool: WorkerPool | None = None
     sampler: RssSampler | None = None
-    client = Celery("bench-client", broker=REDIS_URL)
-    client.conf.task_serializer = "json"
     try:
         server = start_server_in_thread(sandbox, latency_ms=args.latency_ms)
         base_url = server.url.rstrip("/") + "/v1"
@@ -203,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env = {
             **os.environ,
             "BILLING_MODE": "test",
-            "BILLING_DATABASE_URL": url,
+            "BILLING_DATABASE_URL": engine.url.render_as_string(hide_password=False),
             "BILLING_BROKER_URL": REDIS_URL,
             "BILLING_TOKEN_KEY": key,
             "BILLING_CHARGE_BATCH_SIZE": str(args.batch),

@@ -62,7 +62,7 @@ from typing import Any
 import psutil
 import redis
 from celery import Celery
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 # Run from a checkout without installing: the project root is the parent of bench/.
@@ -109,6 +109,25 @@ def recreate_database(admin_url: str, name: str) -> str:
     finally:
         engine.dispose()
     return admin.set(database=name).render_as_string(hide_password=False)
+
+
+def fresh_services(
+    database: str, redis_url: str, *, pool_size: int
+) -> tuple[redis.Redis[bytes], Engine, Celery]:
+    """Test mode (the bench process sets the shared test clock, which test mode alone allows),
+    the benchmark's Redis database emptied, its PostgreSQL database made anew and migrated: the
+    Redis client, an engine on that database, and a Celery client that sends on that Redis."""
+    from billing.migrate import upgrade
+
+    os.environ["BILLING_MODE"] = "test"
+    reset_settings_cache()
+    store = redis.Redis.from_url(redis_url)
+    store.flushdb()
+    url = recreate_database(ADMIN_URL, database)
+    upgrade(url)
+    client = Celery("bench-client", broker=redis_url)
+    client.conf.task_serializer = "json"
+    return store, make_engine(url, pool_size=pool_size), client
 
 
 def drop_database(admin_url: str, name: str) -> None:
@@ -395,23 +414,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    # The bench process sets the shared test clock, which test mode alone allows.
-    os.environ["BILLING_MODE"] = "test"
-    reset_settings_cache()
-    store = redis.Redis.from_url(REDIS_URL)
-    store.flushdb()
-    url = recreate_database(ADMIN_URL, DATABASE)
-    from billing.migrate import upgrade
-
-    upgrade(url)
-    engine = make_engine(url, pool_size=4)
+    store, engine, client = fresh_services(DATABASE, REDIS_URL, pool_size=4)
     key = new_key()
     vault = TokenVault(key)
     sandbox = Sandbox(now=lambda: START)
     server: ServerHandle | None = None
     pool: WorkerPool | None = None
-    client = Celery("bench-client", broker=REDIS_URL)
-    client.conf.task_serializer = "json"
     try:
         server = start_server_in_thread(sandbox, latency_ms=args.latency_ms)
         base_url = server.url.rstrip("/") + "/v1"
@@ -431,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env = {
             **os.environ,
             "BILLING_MODE": "test",
-            "BILLING_DATABASE_URL": url,
+            "BILLING_DATABASE_URL": engine.url.render_as_string(hide_password=False),
             "BILLING_BROKER_URL": REDIS_URL,
             "BILLING_TOKEN_KEY": key,
             "BILLING_CHARGE_BATCH_SIZE": str(args.batch),
