@@ -299,9 +299,9 @@ def _exchange(
     when the first of them has waited ``RECORD_WITHIN_S``, or when nothing else is under way: the
     first answers are written while later calls are still under way, in few transactions.
     Meanwhile the run checks its invoice locks every ``LOCK_CHECK_S``: once they are lost, no
-    further request is sent. Hard
-    declines wait for the breaker (``_Run.implausible``) to have a sample. The invoice locks are
-    held by the caller until every call has ended, even if recording fails.
+    further request is sent. Hard declines wait for the breaker (``_Run.implausible``) to have a
+    sample. The invoice locks are held by the caller until every call has ended, even if
+    recording fails.
     """
     run_one = _never_raising(exchange)
     pending: dict[Future[Outcome], _Call] = {}
