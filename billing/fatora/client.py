@@ -58,7 +58,7 @@ from billing.fatora.parsing import (
     parse_refund,
     parse_retry_after,
 )
-from billing.fatora.transport import DirectTransport
+from billing.fatora.transport import DirectTransport, request_head
 from billing.fatora.types import (
     CheckoutSession,
     CollectResult,
@@ -124,6 +124,15 @@ def _required(value: str, name: str) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the client reads of an answer: its status, its (decoded) body and Retry-After."""
+
+    status_code: int
+    content: bytes
+    retry_after: str | None
+
+
 class FatoraClient:
     """Calls Fatora's v1 payment API with the merchant's API key."""
 
@@ -161,6 +170,7 @@ class FatoraClient:
         )
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s).as_dict()
         self._urls: dict[str, httpx.URL] = {}
+        self._heads: dict[httpx.URL, bytes] = {}
         self._injected = transport
         # Read and checked now: a malformed proxy setting fails here, at startup, not per call.
         self._proxy = _environment_proxy(self._base_url)
@@ -395,7 +405,7 @@ class FatoraClient:
         call: str,
         order_id: str | None,
         send_by: datetime | None = None,
-    ) -> httpx.Response:
+    ) -> Reply:
         """Send one request; every gateway call passes here. Under a gateway cap, the request
         is sent only once it holds a slot: else ``GatewayBusy``, a request that never left."""
         url = self._url(path)
@@ -418,7 +428,7 @@ class FatoraClient:
         call: str,
         order_id: str | None,
         send_by: datetime | None = None,
-    ) -> httpx.Response:
+    ) -> Reply:
         now = datetime.now(UTC)
         if send_by is not None and now > send_by:
             raise RequestRejected(
@@ -428,18 +438,11 @@ class FatoraClient:
         started = time.perf_counter()
         outcome: str = "error"
         result = "error"
-        request = httpx.Request(
-            "POST", url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
-        )
         try:
-            response = self._transport().handle_request(request)
-            try:
-                response.read()
-            finally:
-                response.close()
-            outcome = str(response.status_code)
-            result = metrics.http_result(response.status_code)
-            return response
+            reply = self._exchange(url, body)
+            outcome = str(reply.status_code)
+            result = metrics.http_result(reply.status_code)
+            return reply
         except httpx.TimeoutException as exc:
             outcome = type(exc).__name__
             result = "timeout"
@@ -480,9 +483,40 @@ class FatoraClient:
                 },
             )
 
+    def _exchange(self, url: httpx.URL, body: bytes) -> Reply:
+        """One request and its whole answer. On ``DirectTransport`` the request goes out as
+        bytes laid out once per URL (no ``httpx.Request`` or ``httpx.Response`` per call); any
+        other transport (a proxy's, a test's) gets an ``httpx.Request``."""
+        transport = self._transport()
+        if isinstance(transport, DirectTransport):
+            head = self._head(url) + b"Content-Length: %d\r\n\r\n" % len(body)
+            answer = transport.send(url, head, body, self._timeout)
+            content = answer.content
+            if (answer.msg.get("content-encoding") or "identity").strip().lower() != "identity":
+                content = answer.as_response().read()  # decoded by httpx, or DecodingError
+            return Reply(answer.status, content, answer.msg.get("retry-after"))
+        request = httpx.Request(
+            "POST", url, headers=self._headers, content=body, extensions={"timeout": self._timeout}
+        )
+        response = transport.handle_request(request)
+        try:
+            response.read()
+        finally:
+            response.close()
+        return Reply(response.status_code, response.content, response.headers.get("retry-after"))
+
+    def _head(self, url: httpx.URL) -> bytes:
+        """The request line and header lines of a POST to ``url`` (kept once laid out)."""
+        head = self._heads.get(url)
+        if head is None:
+            fields = [(b"Host", url.netloc), *self._headers.raw]
+            head = request_head("POST", url, fields)  # LocalProtocolError: never sent
+            self._heads[url] = head
+        return head
+
     def _envelope(
         self,
-        response: httpx.Response,
+        response: Reply,
         *,
         charge: bool = False,
         accept: Callable[[Envelope], bool] | None = None,
@@ -502,7 +536,7 @@ class FatoraClient:
             status,
             response.content,
             charge=charge,
-            retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+            retry_after_s=parse_retry_after(response.retry_after),
         )
 
     def _check_mode(self, mode: str | None) -> None:

@@ -31,8 +31,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
-from typing import cast
+from collections.abc import Iterable, Mapping
+from typing import BinaryIO, cast
 
 import httpx
 
@@ -66,38 +66,48 @@ class DirectTransport(httpx.BaseTransport):
         self._closed = False
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
+        timeouts = cast(Mapping[str, float | None], request.extensions.get("timeout", {}))
+        # Checked and laid out before any connection is made: an invalid request never leaves.
+        head = request_head(request.method, request.url, request.headers.raw, request=request)
+        answer = self.send(
+            request.url,
+            head + b"\r\n",
+            request.read(),
+            timeouts,
+            method=request.method,
+            request=request,
+        )
+        return answer.as_response()
+
+    def send(
+        self,
+        url: httpx.URL,
+        head: bytes,
+        body: bytes,
+        timeouts: Mapping[str, float | None],
+        *,
+        method: str = "POST",
+        request: httpx.Request | None = None,
+    ) -> Answer:
+        """Send ``head`` (the request line and header lines laid out by ``request_head``, with
+        the blank line that ends them) and ``body`` to ``url``'s host; the whole answer. The
+        lean path of ``FatoraClient``: no ``httpx.Request`` or ``httpx.Response`` is built, and
+        the errors are those of ``handle_request`` (``request`` is only named in them)."""
         scheme = url.scheme
         if scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}", request=request)
         key = (scheme, url.host, url.port or _DEFAULT_PORTS[scheme])
-        timeouts = cast(Mapping[str, float | None], request.extensions.get("timeout", {}))
-        # Checked and laid out before any connection is made: an invalid request never leaves.
-        head = _request_head(request)
-        body = request.read()
         sock = self._take(key) or self._connect(key, timeouts, request)
         try:
-            response = _exchange(sock, head + body, request, timeouts)
+            answer = _exchange(sock, head + body, method, timeouts, request)
         except BaseException:
             sock.close()  # its state is unknown: never used again
             raise
-        if response.will_close or self._closed:
+        if answer.will_close or self._closed:
             sock.close()
         else:
             self._give_back(key, sock)
-        headers = [
-            (name.encode("latin-1"), value.encode("latin-1"))
-            for name, value in response.getheaders()
-        ]
-        return httpx.Response(
-            response.status,
-            headers=headers,
-            stream=httpx.ByteStream(response.content),
-            extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
-            },
-        )
+        return answer
 
     def close(self) -> None:
         with self._lock:
@@ -133,7 +143,7 @@ class DirectTransport(httpx.BaseTransport):
         sock.close()
 
     def _connect(
-        self, key: _Key, timeouts: Mapping[str, float | None], request: httpx.Request
+        self, key: _Key, timeouts: Mapping[str, float | None], request: httpx.Request | None
     ) -> socket.socket:
         """A new connection, made (TCP, then TLS) before anything of the request is written."""
         if self._closed:
@@ -157,30 +167,144 @@ class DirectTransport(httpx.BaseTransport):
         return sock
 
 
-class _Answer(http.client.HTTPResponse):
-    """A response read whole (``content``) off the socket."""
+class Fields:
+    """An answer's header fields: ``get`` (by name, any case; repeated fields joined by ", ",
+    as httpx does), ``get_all`` and ``items`` in the order received."""
+
+    __slots__ = ("_by_name", "_items")
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._items = items
+        self._by_name: dict[str, list[str]] = {}
+        for name, value in items:
+            self._by_name.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self._by_name.get(name.lower())
+        return ", ".join(values) if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self._by_name.get(name.lower(), ()))
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+
+class Answer(http.client.HTTPResponse):
+    """An answer read whole (``content``) off the socket.
+
+    The status line and body are read by ``http.client``; the header fields are read here, more
+    strictly and at a fraction of the cost of its e-mail parser: a field line that is not
+    ``name: value`` (a folded line, a space before the colon) and any doubt about where the body
+    ends (two different lengths, a length beside a transfer coding, a coding other than chunked,
+    a length that is not a number; RFC 9112, 6.3) make the answer malformed, never guessed at.
+    """
 
     content: bytes = b""
+    msg: Fields  # type: ignore[assignment]
+    headers: Fields  # type: ignore[assignment]
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            _read_fields(self.fp)  # a 100 Continue's own fields, if any
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = _read_fields(self.fp)
+        codings = self.msg.get("transfer-encoding")
+        lengths = {value.strip() for value in self.msg.get_all("content-length")}
+        if len(lengths) > 1 or (lengths and codings):
+            raise http.client.HTTPException("ambiguous message length")
+        self.chunked = codings is not None
+        if self.chunked and codings.strip().lower() != "chunked":
+            raise http.client.HTTPException("unsupported transfer coding")
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        if lengths:
+            (length,) = lengths
+            if not (length.isascii() and length.isdigit()):
+                raise http.client.HTTPException("invalid Content-Length")
+            self.length = int(length)
+        if status in (204, 304) or status < 200 or self._method == "HEAD":
+            self.length = 0
+        if self.length is None and not self.chunked:
+            self.will_close = True  # the body ends when the connection does
+
+    def as_response(self) -> httpx.Response:
+        """The answer as an ``httpx.Response`` (its body decoded as httpx decodes it, on
+        ``read``)."""
+        return httpx.Response(
+            self.status,
+            headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in self.msg.items()],
+            stream=httpx.ByteStream(self.content),
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": (self.reason or "").encode("latin-1", "replace"),
+            },
+        )
 
 
-def _request_head(request: httpx.Request) -> bytes:
-    """The request line and headers, or ``LocalProtocolError`` (nothing sent) if a header could
-    smuggle a line break into the request."""
-    lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
-    for name, value in request.headers.raw:
+# The most field lines an answer may carry, and the longest line (as http.client allows).
+_MAX_FIELDS = 100
+_MAX_LINE = 65536
+
+
+def _read_fields(fp: BinaryIO) -> Fields:
+    items: list[tuple[str, str]] = []
+    while True:
+        line = fp.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise http.client.LineTooLong("header line")
+        if line in (b"\r\n", b"\n", b""):
+            return Fields(items)
+        if len(items) >= _MAX_FIELDS:
+            raise http.client.HTTPException(f"got more than {_MAX_FIELDS} headers")
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not name or name != name.strip() or not _TOKEN.fullmatch(name):
+            raise http.client.HTTPException("malformed header line")
+        items.append((name, value.strip(" \t\r\n")))
+
+
+# A field name (RFC 9110, 5.1): a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def request_head(
+    method: str,
+    url: httpx.URL,
+    fields: Iterable[tuple[bytes, bytes]],
+    *,
+    request: httpx.Request | None = None,
+) -> bytes:
+    """The request line and header lines, each ending in CRLF (the blank line that ends the
+    head is the caller's), or ``LocalProtocolError`` (nothing sent) if a field could smuggle a
+    line break into the request."""
+    lines = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), url.raw_path)]
+    for name, value in fields:
         if _UNSAFE.search(name) or _UNSAFE.search(value) or not name:
             raise httpx.LocalProtocolError("invalid header in the request", request=request)
-        lines.append(name + b": " + value)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
 
 
 def _exchange(
     sock: socket.socket,
     data: bytes,
-    request: httpx.Request,
+    method: str,
     timeouts: Mapping[str, float | None],
-) -> _Answer:
+    request: httpx.Request | None,
+) -> Answer:
     """Write the request in one piece and read the whole answer."""
     try:
         sock.settimeout(_seconds(timeouts.get("write")))
@@ -191,16 +315,15 @@ def _exchange(
         raise httpx.WriteError(f"write failed ({exc})", request=request) from exc
     try:
         sock.settimeout(_seconds(timeouts.get("read")))
-        response = _Answer(sock, method=request.method)
+        answer = Answer(sock, method=method)
         try:
-            response.begin()  # skips any 100 Continue
-            if response.status < 200:
+            answer.begin()  # skips any 100 Continue
+            if answer.status < 200:
                 # Another interim answer (102, 103): never asked for; read as not understood.
-                raise http.client.HTTPException(f"interim answer {response.status}")
-            _check_framing(response)
-            response.content = response.read()
+                raise http.client.HTTPException(f"interim answer {answer.status}")
+            answer.content = answer.read()
         finally:
-            response.close()
+            answer.close()
     except TimeoutError as exc:
         raise httpx.ReadTimeout(f"read timed out ({exc})", request=request) from exc
     except http.client.HTTPException as exc:
@@ -210,16 +333,7 @@ def _exchange(
         raise httpx.RemoteProtocolError(f"malformed answer ({why})", request=request) from exc
     except OSError as exc:
         raise httpx.ReadError(f"read failed ({exc})", request=request) from exc
-    return response
-
-
-def _check_framing(response: http.client.HTTPResponse) -> None:
-    """Where the body ends must be beyond doubt (RFC 9112, 6.3): two different lengths, or a
-    length beside a transfer coding, make the answer unreadable, not the first length right."""
-    lengths = {value.strip() for value in response.msg.get_all("Content-Length") or ()}
-    codings = response.msg.get_all("Transfer-Encoding") or ()
-    if len(lengths) > 1 or (lengths and codings):
-        raise http.client.HTTPException("ambiguous message length")
+    return answer
 
 
 def _still_open(sock: socket.socket) -> bool:
@@ -263,4 +377,4 @@ def _default_ssl_context() -> ssl.SSLContext:
         return _ssl_default
 
 
-__all__ = ["DirectTransport"]
+__all__ = ["Answer", "DirectTransport", "Fields", "request_head"]
