@@ -6,13 +6,26 @@ in UTC and comes back timezone-aware, on both.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, DateTime, Engine, any_, bindparam, create_engine, event
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    DateTime,
+    Engine,
+    Table,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
@@ -123,3 +136,34 @@ def id_in(
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(bindparam(None, wanted, type_=ARRAY(column.type)))
     return column.in_(wanted)
+
+
+def insert_returning(
+    session: Session,
+    model: type[Any],
+    rows: Sequence[Mapping[str, Any]],
+    returning: Sequence[QueryableAttribute[Any]],
+) -> list[tuple[Any, ...]]:
+    """Insert ``rows`` (each with the same keys) of ``model`` in one statement; the
+    ``returning`` columns of each row written, in no promised order (return a key to match
+    them by).
+
+    On PostgreSQL the rows go as one array parameter per column (``INSERT ... SELECT unnest(...)``):
+    the statement text is the same whatever the number of rows, so the driver converts it once and
+    the server prepares it, where a multi-row VALUES list would be a new statement, with a
+    parameter per value, on every batch."""
+    if not rows:
+        return []
+    if session.get_bind().dialect.name != "postgresql":
+        written = session.execute(insert(model).returning(*returning), list(rows))
+        return [tuple(row) for row in written]
+    table: Table = model.__table__
+    names = list(rows[0])
+    columns = [
+        func.unnest(
+            bindparam(f"rows_{name}", [row[name] for row in rows], ARRAY(table.c[name].type))
+        )
+        for name in names
+    ]
+    statement = insert(model).from_select(names, select(*columns)).returning(*returning)
+    return [tuple(row) for row in session.execute(statement)]

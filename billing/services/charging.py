@@ -48,7 +48,7 @@ from billing.attempts import (
     payment_mismatch,
     sent_bound,
 )
-from billing.db import id_in
+from billing.db import id_in, insert_returning
 from billing.fatora.answers import Call, Money, Then, reads_as_auth, verdict
 from billing.fatora.errors import Declined, FatoraError, OutcomeUnknown
 from billing.fatora.retry import retry_decision
@@ -643,7 +643,8 @@ def _write_ahead(
     from billing.services import quarantine
     from billing.services.events import savepoint
 
-    started: list[tuple[ChargeAttempt, CardToken]] = []
+    started: list[_Started] = []  # written in one statement at the end (not isolated)
+    calls: list[_Call] = []
     with rt.sessions() as session, session.begin():
         now = rt.clock.now()
         subs, invoices = _lock_rows(session, invoice_ids)
@@ -676,6 +677,8 @@ def _write_ahead(
                         with savepoint(session):
                             one = _start_one(session, invoice, now, subs, cards, paused)
                             session.flush()  # this invoice's database errors surface here
+                            if not isinstance(one, str):
+                                calls.extend(_insert_attempts(session, [one]))
                     except Exception as exc:
                         if quarantine.systemic(exc):
                             raise
@@ -687,11 +690,64 @@ def _write_ahead(
                         session.flush()
                 if isinstance(one, str):
                     notes[invoice.id] = one
-                else:
+                elif not isolated:
                     started.append(one)
-        session.flush()  # one multi-row INSERT for the attempts: their ids, before the commit
-        calls = [_call_of(attempt, ciphertext=card.ciphertext) for attempt, card in started]
+        session.flush()
+        calls.extend(_insert_attempts(session, started))
     return calls
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A new attempt, not written yet: its row's values and its card's ciphertext."""
+
+    invoice_id: int
+    card_token_id: int
+    order_id: str
+    amount_minor: int
+    currency: str
+    now: datetime
+    created_wall_at: datetime
+    ciphertext: bytes = field(repr=False)
+
+    def row(self) -> dict[str, object]:
+        """Its ``charge_attempts`` row: in flight, verified if it is still unresolved later."""
+        return {
+            "invoice_id": self.invoice_id,
+            "card_token_id": self.card_token_id,
+            "order_id": self.order_id,
+            "amount_minor": self.amount_minor,
+            "currency": self.currency,
+            "status": AttemptStatus.IN_FLIGHT.value,
+            "next_verify_at": self.now + next_verify_delay(0),
+            "created_at": self.now,
+            "created_wall_at": self.created_wall_at,
+            "updated_at": self.now,
+        }
+
+    def call(self, attempt_id: int) -> _Call:
+        return _Call(
+            attempt_id=attempt_id,
+            invoice_id=self.invoice_id,
+            order_id=self.order_id,
+            amount=from_minor(self.amount_minor, self.currency),
+            currency=self.currency,
+            transaction_id=None,
+            ending=None,
+            created_wall_at=self.created_wall_at,
+            ciphertext=self.ciphertext,
+        )
+
+
+def _insert_attempts(session: Session, started: list[_Started]) -> list[_Call]:
+    """Write the new attempts in one statement; their calls, with the ids the database gave
+    them (matched back by invoice id: an invoice has one new attempt at most)."""
+    rows = [one.row() for one in started]
+    returning = [ChargeAttempt.invoice_id, ChargeAttempt.id]
+    ids: dict[int, int] = {
+        row[0]: row[1] for row in insert_returning(session, ChargeAttempt, rows, returning)
+    }
+    return [one.call(ids[one.invoice_id]) for one in started]
 
 
 def _quarantine_retry_due(invoice: Invoice, now: datetime) -> bool:
@@ -706,9 +762,9 @@ def _start_one(
     subs: dict[int, Subscription],
     cards: dict[int, list[CardToken]],
     paused: str | None,
-) -> tuple[ChargeAttempt, CardToken] | str:
-    """The write-ahead of one invoice: its new attempt (added to the session) and card, or the
-    word for the report when it is not charged now."""
+) -> _Started | str:
+    """The write-ahead of one invoice: its new attempt (to be written) and card, or the word
+    for the report when it is not charged now."""
     verdict_ = _collectable(invoice, now)
     if verdict_ is None and dunning_flow.subscription_ended(session, invoice, now):
         verdict_ = InvoiceStatus.VOID.value  # canceled meanwhile: never charge it now
@@ -721,23 +777,20 @@ def _start_one(
     if card is None:
         dunning_flow.no_usable_card(session, invoice, now)
         return "no_card"
-    attempt = ChargeAttempt(
+    started = _Started(
         invoice_id=invoice.id,
         card_token_id=card.id,
         order_id=new_order_id(invoice),
         amount_minor=invoice.amount_minor,
         currency=invoice.currency,
-        status=AttemptStatus.IN_FLIGHT.value,
-        next_verify_at=now + next_verify_delay(0),
-        created_at=now,
+        now=now,
         created_wall_at=datetime.now(UTC),
-        updated_at=now,
+        ciphertext=card.ciphertext,
     )
-    session.add(attempt)
     invoice.attempt_count += 1
     invoice.next_attempt_at = now + IN_FLIGHT_LEASE
     invoice.updated_at = now
-    return attempt, card
+    return started
 
 
 _Row = TypeVar("_Row", bound=Base)
