@@ -98,12 +98,18 @@ class _Number:
 _Json = str | int | bool | None | _Number | Mapping[str, "_Json"]
 
 
+# What json.dumps makes of a str (ASCII, escaped), without its per-call machinery.
+_quote = json.encoder.encode_basestring_ascii
+
+
 def _encode(value: _Json) -> str:
-    """Compact JSON; ``_Number`` values go in verbatim, everything else through json.dumps."""
+    """Compact JSON; ``_Number`` values go in verbatim, everything else as json.dumps has it."""
+    if isinstance(value, str):
+        return _quote(value)
     if isinstance(value, _Number):
         return value.literal
     if isinstance(value, Mapping):
-        items = (f"{json.dumps(k)}:{_encode(v)}" for k, v in value.items() if v is not None)
+        items = (f"{_quote(k)}:{_encode(v)}" for k, v in value.items() if v is not None)
         return "{" + ",".join(items) + "}"
     return json.dumps(value)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
@@ -53,7 +54,10 @@ class _Conflict(ValueError):
     """Two spellings of one key with different values: the body is ambiguous."""
 
 
+@lru_cache(maxsize=1024)
 def _norm(key: str) -> str:
+    """A key as looked up: without ``_`` and ``-``, lower case (an answer's keys come from a
+    small set: each is worked out once)."""
     return key.replace("_", "").replace("-", "").lower()
 
 

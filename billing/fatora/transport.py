@@ -307,14 +307,14 @@ def _exchange(
 ) -> Answer:
     """Write the request in one piece and read the whole answer."""
     try:
-        sock.settimeout(_seconds(timeouts.get("write")))
+        _set_timeout(sock, timeouts.get("write"))
         sock.sendall(data)
     except TimeoutError as exc:
         raise httpx.WriteTimeout(f"write timed out ({exc})", request=request) from exc
     except OSError as exc:
         raise httpx.WriteError(f"write failed ({exc})", request=request) from exc
     try:
-        sock.settimeout(_seconds(timeouts.get("read")))
+        _set_timeout(sock, timeouts.get("read"))
         answer = Answer(sock, method=method)
         try:
             answer.begin()  # skips any 100 Continue
@@ -352,6 +352,14 @@ def _still_open(sock: socket.socket) -> bool:
 
 def _seconds(value: float | None) -> float:
     return _DEFAULT_TIMEOUT_S if value is None else float(value)
+
+
+def _set_timeout(sock: socket.socket, value: float | None) -> None:
+    """Set the socket's timeout unless it has it already (a system call saved per request:
+    the read and write timeouts are commonly the same)."""
+    seconds = _seconds(value)
+    if sock.gettimeout() != seconds:
+        sock.settimeout(seconds)
 
 
 _ssl_lock = threading.Lock()

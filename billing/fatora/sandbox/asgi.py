@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from billing.fatora.sandbox.core import Sandbox
@@ -57,15 +57,21 @@ def create_app(sandbox: Sandbox, latency_ms: float = 0, hang_s: float = 120.0) -
             {
                 "type": "http.response.start",
                 "status": answer.status,
-                "headers": [
-                    (k.lower().encode("latin-1"), v.encode("latin-1"))
-                    for k, v in answer.headers.items()
-                ],
+                "headers": _framed(answer.headers, len(answer.body)),
             }
         )
         await send({"type": "http.response.body", "body": answer.body})
 
     return app
+
+
+def _framed(headers: Mapping[str, str], length: int) -> list[tuple[bytes, bytes]]:
+    """The answer's headers, with its length unless it frames itself (as a JSON API behind an
+    ordinary web server does; uvicorn would otherwise send every answer chunked)."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if not any(name in (b"content-length", b"transfer-encoding") for name, _ in raw):
+        raw.append((b"content-length", str(length).encode("ascii")))
+    return raw
 
 
 async def _hold(receive: Receive, hang_s: float) -> bool:
