@@ -261,23 +261,32 @@ _MAX_LINE = 65536
 
 
 def _read_fields(fp: BinaryIO) -> Fields:
-    items: list[tuple[str, str]] = []
+    """The field lines up to the blank line that ends them, checked and split by two regular
+    expressions over the whole block (not line by line in Python: this runs twice per charge).
+    An answer cut before that blank line is malformed."""
+    lines: list[bytes] = []
     while True:
         line = fp.readline(_MAX_LINE + 1)
         if len(line) > _MAX_LINE:
             raise http.client.LineTooLong("header line")
-        if line in (b"\r\n", b"\n", b""):
-            return Fields(items)
-        if len(items) >= _MAX_FIELDS:
+        if line in (b"\r\n", b"\n"):
+            break
+        if not line:
+            raise http.client.IncompleteRead(b"", None)  # the connection closed mid-header
+        lines.append(line)
+        if len(lines) > _MAX_FIELDS:
             raise http.client.HTTPException(f"got more than {_MAX_FIELDS} headers")
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon or not name or name != name.strip() or not _TOKEN.fullmatch(name):
-            raise http.client.HTTPException("malformed header line")
-        items.append((name, value.strip(" \t\r\n")))
+    block = b"".join(lines)
+    if not _FIELD_LINES.fullmatch(block):
+        raise http.client.HTTPException("malformed header line")
+    return Fields([(n.decode("latin-1"), v.decode("latin-1")) for n, v in _FIELD.findall(block)])
 
 
-# A field name (RFC 9110, 5.1): a token.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A field line (RFC 9112, 5): a token, a colon, a value without CR, LF or NUL, with optional
+# spaces or tabs around it. No space before the colon, no folded line (it starts with a space).
+_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_LINES = re.compile(rb"(?:" + _NAME + rb":[^\r\n\0]*\r?\n)*")
+_FIELD = re.compile(rb"(" + _NAME + rb"):[ \t]*([^\r\n\0]*?)[ \t]*\r?\n")
 
 
 def request_head(

@@ -19,6 +19,7 @@ it may charge again.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1117,12 +1118,15 @@ def _may_record(attempt: ChargeAttempt, outcome: Outcome) -> bool:
     )
 
 
+# Control characters but the tab: a NUL cannot be stored, a line break would forge log lines.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f]")
+
+
 def gateway_text(text: str | None, limit: int) -> str | None:
     """Text from the gateway as it can be stored: no control characters, at most ``limit``."""
     if not text:
         return None
-    cleaned = "".join(ch for ch in text if ch >= " " or ch == "\t")
-    return cleaned[:limit] or None
+    return _CONTROL.sub("", text)[:limit] or None
 
 
 def _write_attempt(attempt: ChargeAttempt, outcome: Outcome, now: datetime) -> None:

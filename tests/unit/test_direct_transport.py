@@ -27,7 +27,13 @@ from cryptography.x509.oid import NameOID
 
 from billing.fatora.answers import Answer
 from billing.fatora.client import FatoraClient
-from billing.fatora.errors import GatewayConnectionError, GatewayTimeout, RequestRejected
+from billing.fatora.errors import (
+    GatewayConnectionError,
+    GatewayTimeout,
+    MalformedResponse,
+    OutcomeUnknown,
+    RequestRejected,
+)
 from billing.fatora.transport import DirectTransport
 
 Handler = Callable[[socket.socket, int], None]
@@ -358,8 +364,10 @@ def test_a_server_that_never_answers_is_no_answer() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",  # cut inside a chunk
         b"<html>504 Gateway Time-out</html>",  # not HTTP at all
         b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + _answer(),  # never asked for
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",  # cut in its header
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n c\r\n\r\n{}",  # folded line
     ],
-    ids=["closed", "cut-body", "cut-chunk", "not-http", "interim"],
+    ids=["closed", "cut-body", "cut-chunk", "not-http", "interim", "cut-header", "folded"],
 )
 def test_an_answer_cut_or_garbled_after_the_request_left_is_no_answer(reply: bytes) -> None:
     def handle(conn: socket.socket, n: int) -> None:
@@ -384,3 +392,94 @@ def test_a_connection_idle_past_the_keepalive_expiry_is_not_used_again() -> None
         post(transport, server.url())  # idle too long: a new one
         transport.close()
     assert server.accepted == 2
+
+
+# -- the client's lean path ------------------------------------------------------------------------
+
+
+def _recording(answer: bytes) -> tuple[Handler, list[bytes]]:
+    """A keep-alive handler that keeps every request whole (head and body) and answers each."""
+    seen: list[bytes] = []
+
+    def handle(conn: socket.socket, n: int) -> None:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            seen.append(head + b"\r\n\r\n" + rest[:length])
+            data = rest[length:]
+            conn.sendall(answer)
+
+    return handle, seen
+
+
+def test_the_lean_path_sends_what_httpx_would_send() -> None:
+    """The client lays a request out itself on the direct transport: byte for byte what an
+    ``httpx.Request`` of the same call puts on the wire (request line, Host, the client's
+    headers, Content-Length, body)."""
+    handle, seen = _recording(_answer())
+    with serving(handle) as server:
+        base = server.url().removesuffix("/payments/verify")
+        lean = FatoraClient(base, "key-" + "k" * 20, mode="test", timeout_s=2, cap=None)
+        generic = FatoraClient(
+            base,
+            "key-" + "k" * 20,
+            mode="test",
+            timeout_s=2,
+            cap=None,
+            transport=httpx.HTTPTransport(),
+        )
+        for client in (lean, generic):
+            with pytest.raises(MalformedResponse):  # OK_BODY is no payment: the request matters
+                client.verify("S1-20270101000000-1", "T-9")
+            client.close()
+    assert len(seen) == 2
+    assert seen[0] == seen[1]
+    assert seen[0].startswith(b"POST /v1/payments/verify HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert seen[0].endswith(b'\r\n\r\n{"order_id":"S1-20270101000000-1","transaction_id":"T-9"}')
+
+
+def test_the_lean_path_decodes_a_compressed_answer_and_reads_retry_after() -> None:
+    """An edge may compress an answer nobody asked to be compressed, and a refusal carries its
+    Retry-After: the lean path reads both as the httpx path does."""
+    body = b'{"status":"SUCCESS","result":{"order_id":"S1-20270101000000-1",' + (
+        b'"transaction_id":"T-1","payment_status":"SUCCESS","amount":"50.00","currency":"QAR"}}'
+    )
+    zipped = gzip.compress(body)
+    compressed = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(zipped)
+        + zipped
+    )
+    busy = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n"
+    for answer, check in ((compressed, "paid"), (busy, "retry")):
+        handle, _ = _recording(answer)
+        with serving(handle) as server:
+            client = FatoraClient(
+                server.url().removesuffix("/payments/verify"),
+                "key-" + "k" * 20,
+                mode="test",
+                timeout_s=2,
+                cap=None,
+            )
+            try:
+                if check == "paid":
+                    payment = client.verify("S1-20270101000000-1")
+                    assert payment.transaction_id == "T-1"
+                else:
+                    with pytest.raises(OutcomeUnknown) as info:
+                        client.verify("S1-20270101000000-1")
+                    assert info.value.retry_after_s == 7
+            finally:
+                client.close()

@@ -142,10 +142,33 @@ def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_no_answer() -
         b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(101)) + b"\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n  folded\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\0c\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A b\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
     ],
-    ids=["bad-length", "bad-chunk", "huge-header", "101-headers", "length-and-chunked"],
+    ids=[
+        "bad-length",
+        "bad-chunk",
+        "huge-header",
+        "101-headers",
+        "length-and-chunked",
+        "folded-line",
+        "space-before-colon",
+        "nul-in-value",
+        "no-colon",
+        "coding-not-chunked",
+        "non-ascii-digit-length",
+        "cut-in-header",
+    ],
 )
 def test_a_malformed_answer_is_no_answer(reply: bytes) -> None:
+    """Where a field line or the body's end is in doubt, the answer is not guessed at: it is
+    no answer (the gateway may have acted; verify settles it), never a reading of it."""
+
     def handle(conn: socket.socket, n: int) -> None:
         _read_request(conn)
         conn.sendall(reply)
