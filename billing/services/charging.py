@@ -19,11 +19,12 @@ it may charge again.
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextvars import copy_context
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -306,6 +307,9 @@ def _exchange(
     """
     run_one = _never_raising(exchange)
     pending: dict[Future[Outcome], _Call] = {}
+    # Each call's future, as it ends (a wait on the whole pending set would cost a lock per
+    # pending call every time round).
+    finished: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
     chunk = max(1, rt.charge_concurrency)
     ready: list[tuple[_Call, Outcome]] = []
     hard: list[tuple[_Call, Outcome]] = []
@@ -325,14 +329,15 @@ def _exchange(
                     draw_error, wave = exc, None
                 more = wave is not None
                 for call in wave or ():
-                    pending[pool.submit(copy_context().run, run_one, call)] = call  # log ids
+                    future = pool.submit(copy_context().run, run_one, call)  # with the log ids
+                    future.add_done_callback(finished.put)
+                    pending[future] = call
             else:
                 more = False  # stopped: nothing more is written ahead or sent
-            done: set[Future[Outcome]] = set()
+            done: list[Future[Outcome]] = []
             if pending:
                 # While another wave is to be drawn, only what has already come in is taken.
-                timeout = 0 if more else RECORD_WITHIN_S
-                done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                done = _finished(finished, 0 if more else RECORD_WITHIN_S)
             if done and not ready:
                 first_ready_at = time.monotonic()
             for future in done:
@@ -369,6 +374,22 @@ def _exchange(
         raise
     if draw_error is not None:
         raise draw_error
+
+
+def _finished(
+    finished: queue.SimpleQueue[Future[Outcome]], timeout: float
+) -> list[Future[Outcome]]:
+    """The calls that have ended: waiting up to ``timeout`` for the first, then all the others
+    already there."""
+    try:
+        done = [finished.get(timeout=timeout) if timeout > 0 else finished.get_nowait()]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except queue.Empty:
+            return done
 
 
 def _through_breaker(run: _Run, hard: list[tuple[_Call, Outcome]]) -> list[tuple[_Call, Outcome]]:
