@@ -138,11 +138,11 @@ def id_in(
     return column.in_(wanted)
 
 
-def insert_returning(
+def insert_rows(
     session: Session,
     model: type[Any],
     rows: Sequence[Mapping[str, Any]],
-    returning: Sequence[QueryableAttribute[Any]],
+    returning: Sequence[QueryableAttribute[Any]] = (),
 ) -> list[tuple[Any, ...]]:
     """Insert ``rows`` (each with the same keys) of ``model`` in one statement; the
     ``returning`` columns of each row written, in no promised order (return a key to match
@@ -151,10 +151,14 @@ def insert_returning(
     On PostgreSQL the rows go as one array parameter per column (``INSERT ... SELECT unnest(...)``):
     the statement text is the same whatever the number of rows, so the driver converts it once and
     the server prepares it, where a multi-row VALUES list would be a new statement, with a
-    parameter per value, on every batch."""
+    parameter per value, on every batch (and an executemany, a round of the driver's work per
+    row)."""
     if not rows:
         return []
     if session.get_bind().dialect.name != "postgresql":
+        if not returning:
+            session.execute(insert(model), list(rows))
+            return []
         written = session.execute(insert(model).returning(*returning), list(rows))
         return [tuple(row) for row in written]
     table: Table = model.__table__
@@ -165,5 +169,8 @@ def insert_returning(
         )
         for name in names
     ]
-    statement = insert(model).from_select(names, select(*columns)).returning(*returning)
-    return [tuple(row) for row in session.execute(statement)]
+    statement = insert(model).from_select(names, select(*columns))
+    if not returning:
+        session.execute(statement)
+        return []
+    return [tuple(row) for row in session.execute(statement.returning(*returning))]

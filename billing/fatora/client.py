@@ -6,9 +6,12 @@ connection pool, and a call pays for no client machinery it does not use (cookie
 redirects, which a payment API must not send anyway). The transport is
 ``billing.fatora.transport.DirectTransport`` (the standard library's HTTP client, at about half
 httpcore's CPU per request), or ``httpx.HTTPTransport`` when a proxy is set: proxies come from the
-usual environment variables, as with ``httpx.Client``. One instance serves a whole thread pool.
-Tests swap the network for an ``httpx.MockTransport`` through the ``transport`` argument; an
-injected transport is shared by every thread.
+usual environment variables, as with ``httpx.Client``. On ``DirectTransport`` a request goes out
+as bytes laid out once per URL, the very bytes an ``httpx.Request`` would carry, and its answer
+is read without building httpx objects (two calls per charge make this the hottest path); every
+other transport gets an ``httpx.Request``. One instance serves a whole thread pool. Tests swap
+the network for an ``httpx.MockTransport`` through the ``transport`` argument; an injected
+transport is shared by every thread.
 
 Every request passes through ``_post``: it holds a slot under the gateway cap shared by every
 worker (``billing.gateway_cap``, when ``BILLING_GATEWAY_MAX_IN_FLIGHT`` sets one) and counts the

@@ -50,7 +50,7 @@ from billing.attempts import (
     payment_mismatch,
     sent_bound,
 )
-from billing.db import id_in, insert_returning
+from billing.db import id_in, insert_rows
 from billing.fatora.answers import Call, Money, Then, reads_as_auth, verdict
 from billing.fatora.errors import Declined, FatoraError, OutcomeUnknown
 from billing.fatora.retry import retry_decision
@@ -767,7 +767,7 @@ def _insert_attempts(session: Session, started: list[_Started]) -> list[_Call]:
     rows = [one.row() for one in started]
     returning = [ChargeAttempt.invoice_id, ChargeAttempt.id]
     ids: dict[int, int] = {
-        row[0]: row[1] for row in insert_returning(session, ChargeAttempt, rows, returning)
+        row[0]: row[1] for row in insert_rows(session, ChargeAttempt, rows, returning)
     }
     return [one.call(ids[one.invoice_id]) for one in started]
 

@@ -6,12 +6,12 @@ committed. Payloads carry ids and words,
 never a card token.
 
 ``record_event`` keeps the row with the session's transaction; when that transaction commits,
-its rows are written with one multi-row insert (after a flush, so that what they point at
-exists). A transaction that rolls back, or a session closed without committing, writes none of
-them. Events are not recorded inside a bare savepoint (whose own rollback could not take them
-back alone); ``savepoint`` opens one that takes its events with it: kept for the outer commit if
-it is released, dropped if it rolls back. Rows recorded in a transaction cannot be read back
-before it commits.
+its rows are written by one statement (``db.insert_rows``), after a flush, so that what they
+point at exists. A transaction that rolls back, or a session closed without committing, writes
+none of them. Events are not recorded inside a bare savepoint (whose own rollback could not take
+them back alone); ``savepoint`` opens one that takes its events with it: kept for the outer
+commit if it is released, dropped if it rolls back. Rows recorded in a transaction cannot be read
+back before it commits.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, insert
+from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
+from billing.db import insert_rows
 from billing.models import Event, Invoice, Subscription
 
 _OUTBOX = "billing.outbox"
@@ -108,7 +109,7 @@ def _write_outbox(session: Session) -> None:
     rows: list[dict[str, Any]] | None = session.info.get(_OUTBOX)
     if rows:
         session.flush()
-        session.execute(insert(Event), rows)
+        insert_rows(session, Event, rows)
     session.info.pop(_OUTBOX, None)
 
 
