@@ -71,6 +71,10 @@ log = logging.getLogger("billing.charging")
 IN_FLIGHT_LEASE = timedelta(minutes=15)
 # An outcome waits at most this long (in seconds) for others to be recorded with it.
 RECORD_WITHIN_S = 0.5
+# Outcomes are recorded in chunks of this many (fewer with fewer call threads, or what is
+# left): a batch's first answers are written while its later calls are under way, so that
+# little is left to write once the last answer is in.
+RECORD_CHUNK = 25
 # How often (in seconds) a run checks that it still holds its invoice locks.
 LOCK_CHECK_S = 1.0
 # When the fast retries of a transient fault are used up, try again this often (and alert once).
@@ -297,9 +301,10 @@ def _exchange(
     drawn stops the drawing; its error is raised once the calls already submitted have ended and
     been recorded.
 
-    Outcomes are recorded in chunks of about a round of calls (``charge_concurrency``), or sooner
-    when the first of them has waited ``RECORD_WITHIN_S``, or when nothing else is under way: the
-    first answers are written while later calls are still under way, in few transactions.
+    Outcomes are recorded in chunks of ``RECORD_CHUNK`` (or of a round of calls, when
+    ``charge_concurrency`` is smaller), or sooner when the first of them has waited
+    ``RECORD_WITHIN_S``, or when nothing else is under way: the first answers are written while
+    later calls are still under way, in few transactions, and little is left for the end.
     Meanwhile the run checks its invoice locks every ``LOCK_CHECK_S``: once they are lost, no
     further request is sent. Hard declines wait for the breaker (``_Run.implausible``) to have a
     sample. The invoice locks are held by the caller until every call has ended, even if
@@ -310,7 +315,7 @@ def _exchange(
     # Each call's future, as it ends (a wait on the whole pending set would cost a lock per
     # pending call every time round).
     finished: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
-    chunk = max(1, rt.charge_concurrency)
+    chunk = max(1, min(rt.charge_concurrency, RECORD_CHUNK))
     ready: list[tuple[_Call, Outcome]] = []
     hard: list[tuple[_Call, Outcome]] = []
     first_ready_at = 0.0
