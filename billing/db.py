@@ -17,6 +17,7 @@ from sqlalchemy import (
     ColumnElement,
     DateTime,
     Engine,
+    String,
     Table,
     any_,
     bindparam,
@@ -29,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from billing.config import get_settings
 
@@ -165,7 +166,7 @@ def insert_rows(
     names = list(rows[0])
     columns = [
         func.unnest(
-            bindparam(f"rows_{name}", [row[name] for row in rows], ARRAY(table.c[name].type))
+            bindparam(f"rows_{name}", [row[name] for row in rows], ARRAY(_element(table, name)))
         )
         for name in names
     ]
@@ -174,3 +175,10 @@ def insert_rows(
         session.execute(statement)
         return []
     return [tuple(row) for row in session.execute(statement.returning(*returning))]
+
+
+def _element(table: Table, name: str) -> TypeEngine[Any]:
+    """A column's type as an array element: strings without their length, since a cast to
+    ``varchar(n)`` cuts a longer value silently where the insert must refuse it."""
+    column_type: TypeEngine[Any] = table.c[name].type
+    return String() if isinstance(column_type, String) else column_type

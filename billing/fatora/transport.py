@@ -233,13 +233,56 @@ class Answer(http.client.HTTPResponse):
         self.length = None
         if lengths:
             (length,) = lengths
-            if not (length.isascii() and length.isdigit()):
+            if not (length.isascii() and length.isdigit()) or len(length) > _MAX_BODY_DIGITS:
                 raise http.client.HTTPException("invalid Content-Length")
             self.length = int(length)
+            if self.length > MAX_BODY:
+                raise http.client.HTTPException("answer too large")
         if status in (204, 304) or status < 200 or self._method == "HEAD":
             self.length = 0
         if self.length is None and not self.chunked:
             self.will_close = True  # the body ends when the connection does
+
+    def _read_status(self) -> tuple[str, int, str]:
+        """The status line, strictly ``HTTP/1.x`` and three digits (http.client would take
+        ``+200`` or ``2_00``: a mangled status is not a status)."""
+        line = self.fp.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise http.client.LineTooLong("status line")
+        if not line:
+            raise http.client.RemoteDisconnected("closed before an answer")
+        match = _STATUS_LINE.fullmatch(line)
+        if match is None:
+            raise http.client.BadStatusLine("not an HTTP/1.x status line")
+        return match[1].decode("ascii"), int(match[2]), (match[3] or b"").decode("latin-1")
+
+    def _read_next_chunk_size(self) -> int:
+        """A chunk's size: hex digits only (not ``0x10`` or ``1_0``), at most ``MAX_BODY``."""
+        line = self.fp.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise http.client.LineTooLong("chunk size")
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None or int(match[1], 16) > MAX_BODY:
+            raise ValueError("invalid chunk size")
+        return int(match[1], 16)
+
+    def _get_chunk_left(self) -> int | None:
+        """As http.client reads chunks, but a chunk's data must end with CRLF (it would drop
+        any two bytes there): anything else means the body's end is in doubt."""
+        chunk_left: int | None = self.chunk_left
+        if not chunk_left:
+            if chunk_left is not None and self._safe_read(2) != b"\r\n":  # type: ignore[attr-defined]
+                raise http.client.HTTPException("chunk data not followed by CRLF")
+            try:
+                chunk_left = self._read_next_chunk_size()
+            except ValueError:
+                raise http.client.IncompleteRead(b"") from None
+            if chunk_left == 0:
+                self._read_and_discard_trailer()  # type: ignore[attr-defined]
+                self._close_conn()  # type: ignore[attr-defined]
+                chunk_left = None
+            self.chunk_left = chunk_left
+        return chunk_left
 
     def as_response(self) -> httpx.Response:
         """The answer as an ``httpx.Response`` (its body decoded as httpx decodes it, on
@@ -258,6 +301,12 @@ class Answer(http.client.HTTPResponse):
 # The most field lines an answer may carry, and the longest line (as http.client allows).
 _MAX_FIELDS = 100
 _MAX_LINE = 65536
+# The largest answer body read (a gateway answer is a few hundred bytes): a larger length is a
+# malformed answer, not an allocation of gigabytes on a call thread.
+MAX_BODY = 64 * 1024 * 1024
+_MAX_BODY_DIGITS = len(str(MAX_BODY))
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([^\r\n]*))?\r?\n")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")
 
 
 def _read_fields(fp: BinaryIO) -> Fields:
@@ -335,9 +384,10 @@ def _exchange(
             answer.close()
     except TimeoutError as exc:
         raise httpx.ReadTimeout(f"read timed out ({exc})", request=request) from exc
-    except http.client.HTTPException as exc:
+    except (http.client.HTTPException, ValueError, OverflowError, MemoryError) as exc:
         # A cut body (IncompleteRead), a closed connection (RemoteDisconnected), a status line or
-        # header that is not HTTP: the gateway may have acted on the request all the same.
+        # header that is not HTTP, a length nothing can hold: the gateway may have acted on the
+        # request all the same.
         why = type(exc).__name__
         raise httpx.RemoteProtocolError(f"malformed answer ({why})", request=request) from exc
     except OSError as exc:

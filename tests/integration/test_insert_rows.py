@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, select
+from sqlalchemy.exc import DBAPIError
 
 from billing.db import insert_rows, make_engine, session_factory
 from billing.models import Base, Customer, Event
@@ -100,3 +101,13 @@ def test_one_statement_text_serves_every_batch_size(clean_db: Engine) -> None:
     assert len(set(seen)) == 1
     with session_factory(clean_db)() as session:
         assert len(session.execute(select(Event.id)).all()) == 104
+
+
+def test_a_value_too_long_for_its_column_is_refused_not_cut(clean_db: Engine) -> None:
+    """An order id cut to fit would name another order than the one sent: the insert fails."""
+    rows = _events(1, None)
+    rows[0]["kind"] = "k" * 70  # the column holds 64
+    with pytest.raises(DBAPIError), session_factory(clean_db)() as session, session.begin():
+        insert_rows(session, Event, rows)
+    with session_factory(clean_db)() as session:
+        assert session.execute(select(Event.id)).first() is None

@@ -149,6 +149,13 @@ def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_no_answer() -
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9000000000\r\n\r\n{}",
+        b"HTTP/1.1 +200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 2_00 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFF\r\n{}\r\n0\r\n\r\n",
     ],
     ids=[
         "bad-length",
@@ -163,6 +170,13 @@ def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_no_answer() -
         "coding-not-chunked",
         "non-ascii-digit-length",
         "cut-in-header",
+        "length-too-long-to-convert",
+        "length-too-large",
+        "signed-status",
+        "underscored-status",
+        "hex-prefixed-chunk-size",
+        "chunk-without-crlf",
+        "chunk-too-large",
     ],
 )
 def test_a_malformed_answer_is_no_answer(reply: bytes) -> None:
