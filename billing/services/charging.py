@@ -32,7 +32,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TypeVar
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing import metrics
@@ -767,13 +767,29 @@ class _Started:
 
 
 def _insert_attempts(session: Session, started: list[_Started]) -> list[_Call]:
-    """Write the new attempts in one statement; their calls, with the ids the database gave
-    them (matched back by invoice id: an invoice has one new attempt at most)."""
+    """Write the new attempts in one statement, and move their invoices in another (one more
+    attempt, under the in-flight lease); their calls, with the ids the database gave them
+    (matched back by invoice id: an invoice has one new attempt at most). The invoices' rows
+    are locked by this transaction; their objects in the session are not updated (the
+    transaction ends with them)."""
+    if not started:
+        return []
     rows = [one.row() for one in started]
     returning = [ChargeAttempt.invoice_id, ChargeAttempt.id]
     ids: dict[int, int] = {
         row[0]: row[1] for row in insert_rows(session, ChargeAttempt, rows, returning)
     }
+    for now in {one.now for one in started}:  # one moment per write-ahead transaction
+        session.execute(
+            update(Invoice)
+            .where(id_in(session, Invoice.id, (o.invoice_id for o in started if o.now == now)))
+            .values(
+                attempt_count=Invoice.attempt_count + 1,
+                next_attempt_at=now + IN_FLIGHT_LEASE,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
     return [one.call(ids[one.invoice_id]) for one in started]
 
 
@@ -814,10 +830,7 @@ def _start_one(
         created_wall_at=datetime.now(UTC),
         ciphertext=card.ciphertext,
     )
-    invoice.attempt_count += 1
-    invoice.next_attempt_at = now + IN_FLIGHT_LEASE
-    invoice.updated_at = now
-    return started
+    return started  # its invoice takes the attempt (count, in-flight lease) in _insert_attempts
 
 
 _Row = TypeVar("_Row", bound=Base)

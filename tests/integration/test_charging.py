@@ -19,7 +19,7 @@ from billing.fatora.errors import PaymentNotFound
 from billing.fatora.sandbox import Sandbox
 from billing.fatora.types import Payment
 from billing.lifecycle import InvoiceStatus, SubscriptionStatus
-from billing.models import CardToken, ControlFlag, Event, Subscription
+from billing.models import CardToken, ControlFlag, Event, Invoice, Subscription
 from billing.runtime import Runtime
 from billing.services import charging
 from billing.services.charging import collect_invoices
@@ -210,6 +210,34 @@ def test_worker_killed_after_write_ahead_before_the_call(
     statuses = [a.status for a in attempts_of(rt, invoice_id)]
     assert statuses == ["failed", "succeeded"]
     assert len(successful_charges(rt, sandbox, invoice_id)) == 1
+
+
+@pytest.mark.parametrize("isolated", [False, True], ids=["batch", "invoice-by-invoice"])
+def test_the_write_ahead_gives_each_invoice_its_attempt_and_in_flight_lease(
+    rt: Runtime, sandbox: Sandbox, clock: FixedClock, isolated: bool
+) -> None:
+    """Committed with its attempt, each invoice counts one more attempt (the next order id is
+    new) and is leased while its call may be under way: the retry sweep leaves it alone until
+    the lease ends, and the invoice the write-ahead passed over is left as it was."""
+    seed_plans(rt)
+    for i in range(3):
+        subscriber(rt, sandbox, ["success"], name=f"lease{i}")
+    invoice_ids = renew(rt)
+    skipped = invoice_ids[-1]
+    with rt.sessions() as session, session.begin():
+        session.get_one(Invoice, skipped).next_attempt_at = clock.now() + timedelta(days=1)
+    before = {i: invoice_of(rt, i).attempt_count for i in invoice_ids}
+    notes: dict[int, str] = {}
+    calls = charging._write_ahead(rt, invoice_ids, notes, isolated=isolated)
+    assert sorted(c.invoice_id for c in calls) == invoice_ids[:-1]
+    assert notes == {skipped: "not_due"}
+    for call in calls:
+        invoice = invoice_of(rt, call.invoice_id)
+        assert invoice.attempt_count == before[call.invoice_id] + 1
+        assert invoice.next_attempt_at == clock.now() + charging.IN_FLIGHT_LEASE
+        assert call.order_id.endswith(f"-{invoice.attempt_count}")
+    assert invoice_of(rt, skipped).attempt_count == before[skipped]
+    assert invoice_of(rt, skipped).next_attempt_at == clock.now() + timedelta(days=1)
 
 
 def test_worker_killed_after_the_gateway_charged_before_recording(
