@@ -233,11 +233,11 @@ class Answer(http.client.HTTPResponse):
         self.length = None
         if lengths:
             (length,) = lengths
-            if not (length.isascii() and length.isdigit()) or len(length) > _MAX_BODY_DIGITS:
+            if not (length.isascii() and length.isdigit()):
                 raise http.client.HTTPException("invalid Content-Length")
-            self.length = int(length)
-            if self.length > MAX_BODY:
+            if len(length.lstrip("0")) > _MAX_BODY_DIGITS or int(length) > MAX_BODY:
                 raise http.client.HTTPException("answer too large")
+            self.length = int(length)
         if status in (204, 304) or status < 200 or self._method == "HEAD":
             self.length = 0
         if self.length is None and not self.chunked:
@@ -306,7 +306,7 @@ _MAX_LINE = 65536
 MAX_BODY = 64 * 1024 * 1024
 _MAX_BODY_DIGITS = len(str(MAX_BODY))
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([^\r\n]*))?\r?\n")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")
+_CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")
 
 
 def _read_fields(fp: BinaryIO) -> Fields:
@@ -379,7 +379,7 @@ def _exchange(
             if answer.status < 200:
                 # Another interim answer (102, 103): never asked for; read as not understood.
                 raise http.client.HTTPException(f"interim answer {answer.status}")
-            answer.content = answer.read()
+            answer.content = _body(answer)
         finally:
             answer.close()
     except TimeoutError as exc:
@@ -393,6 +393,18 @@ def _exchange(
     except OSError as exc:
         raise httpx.ReadError(f"read failed ({exc})", request=request) from exc
     return answer
+
+
+def _body(answer: Answer) -> bytes:
+    """The whole body. One whose end is its length is read whole (a cut one raises); a chunked
+    or close-delimited one is read up to ``MAX_BODY`` at most: past it, the answer is too large
+    (not gigabytes held on a call thread)."""
+    if answer.length is not None:
+        return answer.read()
+    content = answer.read(MAX_BODY + 1)
+    if len(content) > MAX_BODY:
+        raise http.client.HTTPException("answer too large")
+    return content
 
 
 def _still_open(sock: socket.socket) -> bool:

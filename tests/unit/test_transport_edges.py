@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from billing.fatora import transport as transport_module
 from billing.fatora.answers import Answer
 from billing.fatora.client import FatoraClient, _transport_answer
 from billing.fatora.transport import DirectTransport
@@ -389,3 +390,51 @@ def test_two_overlapping_secrets_are_masked_whole() -> None:
     redactor = Redactor([longer, shorter])
     line = redactor(f"x {longer}wxyz y")  # the two share "1234"
     assert "wxyz" not in line, line
+
+
+def test_leading_zeros_in_a_length_or_chunk_size_are_still_a_good_answer() -> None:
+    """Strict is not picky: zeros in front of a length or a chunk size change nothing."""
+    body = b'{"status":"SUCCESS"}'
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 000000000000%d\r\n\r\n" % len(body) + body,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"00000000000000000000%x\r\n" % len(body)
+        + body
+        + b"\r\n0\r\n\r\n",
+    ]
+    for reply in answers:
+
+        def handle(conn: socket.socket, n: int, reply: bytes = reply) -> None:
+            _read_request(conn)
+            conn.sendall(reply)
+
+        with serving(handle) as server:
+            transport = DirectTransport()
+            assert post(transport, server.url()).content == body
+            transport.close()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close-delimited"])
+def test_a_body_past_the_largest_read_is_no_answer(
+    framing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunked or close-delimited body has no length to refuse up front: it is read up to
+    MAX_BODY and no further (no call thread holds gigabytes for an edge that never stops)."""
+    monkeypatch.setattr(transport_module, "MAX_BODY", 1000)
+    big = b"x" * 600
+    if framing == "chunked":
+        reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        reply += (b"%x\r\n%s\r\n" % (len(big), big)) * 2 + b"0\r\n\r\n"
+    else:
+        reply = b"HTTP/1.0 200 OK\r\n\r\n" + big * 2
+
+    def handle(conn: socket.socket, n: int) -> None:
+        _read_request(conn)
+        conn.sendall(reply)
+
+    with serving(handle) as server:
+        transport = DirectTransport()
+        with pytest.raises(httpx.TransportError) as info:
+            post(transport, server.url())
+        transport.close()
+    assert _transport_answer(info.value) is Answer.NO_ANSWER
