@@ -331,15 +331,22 @@ def test_tls_is_verified_and_an_untrusted_certificate_is_a_request_never_sent(
 # -- failures: no answer (verify settles them) -----------------------------------------------------
 
 
+def _client_of(server: Server, *, timeout_s: float, **options: object) -> FatoraClient:
+    """A client of ``server`` (no gateway cap), on the default transport unless ``options``
+    name another."""
+    return FatoraClient(
+        server.url().removesuffix("/payments/verify"),
+        "key-" + "k" * 20,
+        mode="test",
+        timeout_s=timeout_s,
+        cap=None,
+        **options,  # type: ignore[arg-type]
+    )
+
+
 def _no_answer(handler: Handler) -> tuple[BaseException, Server]:
     with serving(handler) as server:
-        client = FatoraClient(
-            server.url().removesuffix("/payments/verify"),
-            "key-" + "k" * 20,
-            mode="test",
-            timeout_s=1,
-            cap=None,
-        )
+        client = _client_of(server, timeout_s=1)
         with pytest.raises((GatewayConnectionError, GatewayTimeout, RequestRejected)) as info:
             client.verify("S1-20270101000000-1")
         client.close()
@@ -430,16 +437,8 @@ def test_the_lean_path_sends_what_httpx_would_send() -> None:
     headers, Content-Length, body)."""
     handle, seen = _recording(_answer())
     with serving(handle) as server:
-        base = server.url().removesuffix("/payments/verify")
-        lean = FatoraClient(base, "key-" + "k" * 20, mode="test", timeout_s=2, cap=None)
-        generic = FatoraClient(
-            base,
-            "key-" + "k" * 20,
-            mode="test",
-            timeout_s=2,
-            cap=None,
-            transport=httpx.HTTPTransport(),
-        )
+        lean = _client_of(server, timeout_s=2)
+        generic = _client_of(server, timeout_s=2, transport=httpx.HTTPTransport())
         for client in (lean, generic):
             with pytest.raises(MalformedResponse):  # OK_BODY is no payment: the request matters
                 client.verify("S1-20270101000000-1", "T-9")
@@ -466,13 +465,7 @@ def test_the_lean_path_decodes_a_compressed_answer_and_reads_retry_after() -> No
     for answer, check in ((compressed, "paid"), (busy, "retry")):
         handle, _ = _recording(answer)
         with serving(handle) as server:
-            client = FatoraClient(
-                server.url().removesuffix("/payments/verify"),
-                "key-" + "k" * 20,
-                mode="test",
-                timeout_s=2,
-                cap=None,
-            )
+            client = _client_of(server, timeout_s=2)
             try:
                 if check == "paid":
                     payment = client.verify("S1-20270101000000-1")
