@@ -2,8 +2,14 @@
 
 An ``httpx.BaseTransport``, so the client above it and the tests' transports (``MockTransport``,
 ``SandboxTransport``) are unchanged. It does one job, posting small JSON bodies to one host over
-kept-alive connections, with about half the CPU of httpcore's general machinery (measured in
-``docs/OPERATIONS.md``, "Throughput"): two calls per charge make it the largest cost of a charge.
+kept-alive connections, with about half the CPU of httpcore's general machinery: two calls per
+charge make it the largest cost of a charge. ``send`` is the same exchange without httpx's
+request and response objects (``FatoraClient`` uses it); ``handle_request`` wraps it.
+
+The answer is read strictly (``Answer``): a status line that is not ``HTTP/1.x`` and three
+digits, a malformed or folded field line, an answer cut in its header, a chunk size that is not
+hex or a chunk not ended by CRLF, two lengths, a length beside a transfer coding, or a body past
+``MAX_BODY`` is a malformed answer, never a guess at one.
 
 What the charge path depends on is the meaning of each failure, so it is kept exactly:
 
