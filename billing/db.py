@@ -156,29 +156,23 @@ def insert_rows(
     row)."""
     if not rows:
         return []
-    if session.get_bind().dialect.name != "postgresql":
-        if not returning:
-            session.execute(insert(model), list(rows))
-            return []
-        written = session.execute(insert(model).returning(*returning), list(rows))
-        return [tuple(row) for row in written]
-    table: Table = model.__table__
-    names = list(rows[0])
-    columns = [
-        func.unnest(
-            bindparam(f"rows_{name}", [row[name] for row in rows], ARRAY(_element(table, name)))
-        )
-        for name in names
-    ]
-    statement = insert(model).from_select(names, select(*columns))
+    statement = insert(model)
+    params: list[dict[str, Any]] | None = [dict(row) for row in rows]
+    if session.get_bind().dialect.name == "postgresql":
+        table: Table = model.__table__
+        columns = [
+            func.unnest(bindparam(f"rows_{name}", [row[name] for row in rows], _array(table, name)))
+            for name in rows[0]
+        ]
+        statement, params = statement.from_select(list(rows[0]), select(*columns)), None
     if not returning:
-        session.execute(statement)
+        session.execute(statement, params)
         return []
-    return [tuple(row) for row in session.execute(statement.returning(*returning))]
+    return [tuple(row) for row in session.execute(statement.returning(*returning), params)]
 
 
-def _element(table: Table, name: str) -> TypeEngine[Any]:
-    """A column's type as an array element: strings without their length, since a cast to
+def _array(table: Table, name: str) -> ARRAY[Any]:
+    """A column's type as an array: strings without their length, since a cast to
     ``varchar(n)`` cuts a longer value silently where the insert must refuse it."""
     column_type: TypeEngine[Any] = table.c[name].type
-    return String() if isinstance(column_type, String) else column_type
+    return ARRAY(String() if isinstance(column_type, String) else column_type)

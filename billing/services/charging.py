@@ -705,7 +705,7 @@ def _write_ahead(
                             one = _start_one(session, invoice, now, subs, cards, paused)
                             session.flush()  # this invoice's database errors surface here
                             if not isinstance(one, str):
-                                calls.extend(_insert_attempts(session, [one]))
+                                calls.extend(_insert_attempts(session, [one], now))
                     except Exception as exc:
                         if quarantine.systemic(exc):
                             raise
@@ -720,7 +720,7 @@ def _write_ahead(
                 elif not isolated:
                     started.append(one)
         session.flush()
-        calls.extend(_insert_attempts(session, started))
+        calls.extend(_insert_attempts(session, started, now))
     return calls
 
 
@@ -733,12 +733,12 @@ class _Started:
     order_id: str
     amount_minor: int
     currency: str
-    now: datetime
     created_wall_at: datetime
     ciphertext: bytes = field(repr=False)
 
-    def row(self) -> dict[str, object]:
-        """Its ``charge_attempts`` row: in flight, verified if it is still unresolved later."""
+    def row(self, now: datetime) -> dict[str, object]:
+        """Its ``charge_attempts`` row, written at ``now``: in flight, verified if it is still
+        unresolved later."""
         return {
             "invoice_id": self.invoice_id,
             "card_token_id": self.card_token_id,
@@ -746,10 +746,10 @@ class _Started:
             "amount_minor": self.amount_minor,
             "currency": self.currency,
             "status": AttemptStatus.IN_FLIGHT.value,
-            "next_verify_at": self.now + next_verify_delay(0),
-            "created_at": self.now,
+            "next_verify_at": now + next_verify_delay(0),
+            "created_at": now,
             "created_wall_at": self.created_wall_at,
-            "updated_at": self.now,
+            "updated_at": now,
         }
 
     def call(self, attempt_id: int) -> _Call:
@@ -766,7 +766,7 @@ class _Started:
         )
 
 
-def _insert_attempts(session: Session, started: list[_Started]) -> list[_Call]:
+def _insert_attempts(session: Session, started: list[_Started], now: datetime) -> list[_Call]:
     """Write the new attempts in one statement, and move their invoices in another (one more
     attempt, under the in-flight lease); their calls, with the ids the database gave them
     (matched back by invoice id: an invoice has one new attempt at most). The invoices' rows
@@ -774,22 +774,21 @@ def _insert_attempts(session: Session, started: list[_Started]) -> list[_Call]:
     transaction ends with them)."""
     if not started:
         return []
-    rows = [one.row() for one in started]
+    rows = [one.row(now) for one in started]
     returning = [ChargeAttempt.invoice_id, ChargeAttempt.id]
     ids: dict[int, int] = {
         row[0]: row[1] for row in insert_rows(session, ChargeAttempt, rows, returning)
     }
-    for now in {one.now for one in started}:  # one moment per write-ahead transaction
-        session.execute(
-            update(Invoice)
-            .where(id_in(session, Invoice.id, (o.invoice_id for o in started if o.now == now)))
-            .values(
-                attempt_count=Invoice.attempt_count + 1,
-                next_attempt_at=now + IN_FLIGHT_LEASE,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
+    session.execute(
+        update(Invoice)
+        .where(id_in(session, Invoice.id, (one.invoice_id for one in started)))
+        .values(
+            attempt_count=Invoice.attempt_count + 1,
+            next_attempt_at=now + IN_FLIGHT_LEASE,
+            updated_at=now,
         )
+        .execution_options(synchronize_session=False)
+    )
     return [one.call(ids[one.invoice_id]) for one in started]
 
 
@@ -826,7 +825,6 @@ def _start_one(
         order_id=new_order_id(invoice),
         amount_minor=invoice.amount_minor,
         currency=invoice.currency,
-        now=now,
         created_wall_at=datetime.now(UTC),
         ciphertext=card.ciphertext,
     )

@@ -110,12 +110,7 @@ def test_a_request_read_then_reset_is_no_answer() -> None:
         # An abortive close: the client reads a reset, not an end of file.
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
-    with serving(handle) as server:
-        transport = DirectTransport()
-        with pytest.raises(httpx.TransportError) as info:
-            post(transport, server.url())
-        transport.close()
-    assert _transport_answer(info.value) is Answer.NO_ANSWER
+    _assert_no_answer(handle)
 
 
 def test_a_kept_alive_connection_closed_as_the_request_goes_out_is_no_answer() -> None:
